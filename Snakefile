@@ -1,0 +1,19 @@
+# skystack: survey FITS images -> tile caches, catalogs, deconvolved stamps, detections.
+# Run: snakemake --profile profiles/default  (or profiles/slurm on a cluster)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/survey.smk"
+include: "workflow/rules/cache.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True
