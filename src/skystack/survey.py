@@ -110,9 +110,13 @@ def _is_ztf(hdr) -> bool:
     return "OBSMJD" in hdr or str(hdr.get("TELESCOP", "")).upper().startswith("P48")
 
 
-def _mid_time(hdr, path, hdu):
+def _mid_time(hdr, path, hdu, location=None):
     """Mid-exposure astropy Time from the header (generic convention, then ZTF)."""
-    from astropy.time import Time
+    from functools import partial
+
+    from astropy.time import Time as _Time
+
+    Time = partial(_Time, location=location)
 
     scale = str(hdr.get("TIMESYS", "UTC")).strip().lower()
     if scale not in ("utc", "tai", "tt"):
@@ -223,7 +227,6 @@ def _describe_hdu(ref: ImageHDURef, default_site: dict | None) -> dict:
                 variance = 1.0 / np.asarray(hdul[ref.aux["INVVAR"]].data, dtype=np.float64)
         psf_image = np.asarray(hdul[ref.aux["PSF"]].data) if "PSF" in ref.aux else None
     wcs = celestial_wcs(hdr, path, hdu)
-    time = _mid_time(hdr, path, hdu)
     site = _site_from_header(hdr) or (PALOMAR_P48 if _is_ztf(hdr) else default_site)
     if site is None:
         raise BadImageError(path, hdu, "no site: header has no OBSGEO-X/Y/Z or OBSGEO-L/B/H and config gives no survey.site")
@@ -231,7 +234,7 @@ def _describe_hdu(ref: ImageHDURef, default_site: dict | None) -> dict:
     import astropy.units as u
 
     location = EarthLocation.from_geodetic(site["lon_deg"] * u.deg, site["lat_deg"] * u.deg, site["height_m"] * u.m)
-    time.location = location
+    time = _mid_time(hdr, path, hdu, location)
     exptime = float(hdr.get("EXPTIME", 0.0) or 0.0)
     saturate = float(hdr.get("SATURATE", np.inf))
     bad = ~np.isfinite(data) | (data >= saturate)

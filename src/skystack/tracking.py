@@ -1,0 +1,197 @@
+"""Digital tracking: matched-filter partial sums along orbits, their combination, and merging.
+
+Per intersection of an orbit with an image, with the image's PSF ``P`` (a Gaussian of the
+indexed width, optionally widened by smoothing) centred at the sub-pixel position, and data
+``d`` in ADU scaled to nanomaggies by the zero point (``c`` ADU per nmgy)::
+
+    psi = sum(d c P) / sigma^2        phi = sum((c P)^2) / sigma^2
+
+so that for a constant-flux object ``sum(psi) / sum(phi)`` is its flux in nmgy and
+``sum(psi) / sqrt(sum(phi))`` its combined SNR. Bad (NaN) pixels are left out of both sums.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pandas as pd
+
+from ._jax import jax, jnp
+
+NMGY_AB_MAG = 22.5
+SIGMA_G_PER_IQR = 0.7413  # sigma of a Gaussian = 0.7413 x its interquartile range
+
+
+def counts_per_nmgy(magzp) -> np.ndarray:
+    """ADU per nanomaggy for AB zero points (1 where the zero point is unknown)."""
+    magzp = np.asarray(magzp, dtype=np.float64)
+    return np.where(np.isfinite(magzp), 10.0 ** (-0.4 * (NMGY_AB_MAG - magzp)), 1.0)
+
+
+@jax.jit
+def _matched_filter(patches, dx_px, dy_px, psf_sigma_px, noise_sigma, adu_per_nmgy):
+    """psi, phi for a batch of patches (float32 pixel sums, float64 scaling)."""
+    k = patches.shape[-1]
+    r = (k - 1) // 2
+    off = jnp.arange(-r, r + 1, dtype=jnp.float32)
+    sx = psf_sigma_px.astype(jnp.float32)[:, None, None]
+    gx = off[None, None, :] - dx_px.astype(jnp.float32)[:, None, None]
+    gy = off[None, :, None] - dy_px.astype(jnp.float32)[:, None, None]
+    psf = jnp.exp(-(gx * gx + gy * gy) / (2 * sx * sx)) / (2 * jnp.pi * sx * sx)
+    good = jnp.isfinite(patches)
+    d = jnp.where(good, patches, 0.0)
+    p = jnp.where(good, psf, 0.0)
+    s_dp = jnp.sum(d * p, axis=(1, 2)).astype(jnp.float64)
+    s_pp = jnp.sum(p * p, axis=(1, 2)).astype(jnp.float64)
+    var = noise_sigma.astype(jnp.float64) ** 2
+    c = adu_per_nmgy.astype(jnp.float64)
+    return s_dp * c / var, s_pp * c * c / var
+
+
+def matched_filter(patches, x, y, psf_sigma_px, noise_sigma, adu_per_nmgy, batch: int = 65536):
+    """Matched-filter terms for patches centred on ``round(x), round(y)``.
+
+    Parameters
+    ----------
+    patches : ndarray (n, k, k) float32
+        Pixels (ADU, background-subtracted), NaN where bad.
+    x, y : ndarray (n,)
+        Sub-pixel source positions (0-based px) whose nearest pixel is the patch centre.
+    psf_sigma_px, noise_sigma, adu_per_nmgy : ndarray (n,)
+        Per-intersection PSF width (px), pixel noise (ADU) and zero-point scale.
+
+    Returns
+    -------
+    psi, phi : ndarray (n,) float64
+        In nmgy / nmgy^2 units: flux = psi / phi, snr = psi / sqrt(phi).
+    """
+    n = len(patches)
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    dx = x - np.floor(x + 0.5)
+    dy = y - np.floor(y + 0.5)
+    psi = np.empty(n)
+    phi = np.empty(n)
+    size = max(1, min(batch, n))
+    for start in range(0, n, size):
+        sl = slice(start, min(start + size, n))
+        m = sl.stop - sl.start
+        pad = size - m  # fixed batch shape: one compilation
+        args = [np.asarray(a[sl]) for a in (patches, dx, dy, psf_sigma_px, noise_sigma, adu_per_nmgy)]
+        if pad:
+            args[0] = np.concatenate([args[0], np.full((pad,) + args[0].shape[1:], np.nan, np.float32)])
+            args[1:] = [np.concatenate([a, np.ones(pad)]) for a in args[1:]]
+        a, b = _matched_filter(*[jnp.asarray(v) for v in args])
+        psi[sl] = np.asarray(a)[:m]
+        phi[sl] = np.asarray(b)[:m]
+    return psi, phi
+
+
+def patch_radius_px(psf_sigma_px: float, smoothing_sigma_px: float = 0.0) -> int:
+    """Patch half-size covering 3 sigma of the (smoothed) PSF."""
+    return int(np.ceil(3.0 * np.hypot(psf_sigma_px, smoothing_sigma_px)))
+
+
+# ----------------------------------------------------------------------------- combination
+def sigma_g_keep(flux: np.ndarray, n_sigma: float) -> np.ndarray:
+    """Keep mask of sigma-G clipping: |f - median| <= n_sigma * 0.7413 * IQR."""
+    if len(flux) < 4:
+        return np.ones(len(flux), bool)
+    q25, q50, q75 = np.percentile(flux, [25, 50, 75])
+    sigma_g = SIGMA_G_PER_IQR * (q75 - q25)
+    if not sigma_g > 0:
+        return np.ones(len(flux), bool)
+    return np.abs(flux - q50) <= n_sigma * sigma_g
+
+
+def combine_partials(partials: pd.DataFrame, *, n_sigma_g: float = 3.0, masked=None) -> pd.DataFrame:
+    """Per-orbit combined statistics from per-image partial sums.
+
+    Parameters
+    ----------
+    partials : DataFrame
+        Columns orbit_id, image_id, psi, phi (from every partition of the chunk).
+    n_sigma_g : float
+        Sigma-G clipping threshold on per-image flux (outlier images, e.g. residuals).
+    masked : ndarray of bool, optional
+        Intersections to leave out (inside a bright-star mask).
+
+    Returns
+    -------
+    DataFrame with orbit_id, n_images (kept), n_rejected, psi, phi, flux_nmgy,
+    flux_sd_nmgy, snr; one row per orbit with at least one intersection.
+    """
+    cols = ["orbit_id", "n_images", "n_rejected", "psi", "phi", "flux_nmgy", "flux_sd_nmgy", "snr"]
+    if partials.empty:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c.startswith("n_") or c == "orbit_id" else "float64") for c in cols})
+    masked = np.zeros(len(partials), bool) if masked is None else np.asarray(masked, bool)
+    p = partials.assign(_masked=masked).sort_values(["orbit_id", "image_id"], kind="stable").reset_index(drop=True)
+    keep = (p["phi"].to_numpy() > 0) & ~p["_masked"].to_numpy()
+    flux = np.where(keep, p["psi"] / np.where(p["phi"] > 0, p["phi"], 1), np.nan)
+    ids = p["orbit_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    rows = []
+    psi_all, phi_all = p["psi"].to_numpy(), p["phi"].to_numpy()
+    for a, b in zip(starts, ends):
+        k = keep[a:b].copy()
+        if k.any():
+            sub = np.flatnonzero(k)
+            k[sub[~sigma_g_keep(flux[a:b][sub], n_sigma_g)]] = False
+        psi, phi = psi_all[a:b][k].sum(), phi_all[a:b][k].sum()
+        rows.append((ids[a], int(k.sum()), int((b - a) - k.sum()), psi, phi,
+                     psi / phi if phi > 0 else np.nan, 1 / np.sqrt(phi) if phi > 0 else np.nan,
+                     psi / np.sqrt(phi) if phi > 0 else 0.0))
+    return pd.DataFrame(rows, columns=cols).astype({"orbit_id": "int64", "n_images": "int64", "n_rejected": "int64"})
+
+
+def star_mask_hits(partials: pd.DataFrame, images: pd.DataFrame, stars: pd.DataFrame | None, radius_arcsec: float) -> np.ndarray:
+    """True for intersections within ``radius_arcsec`` of a masked (bright) star."""
+    if stars is None or stars.empty or partials.empty:
+        return np.zeros(len(partials), bool)
+    from astropy.wcs import WCS
+    from astropy.io import fits
+
+    hit = np.zeros(len(partials), bool)
+    for image_id, idx in partials.groupby("image_id").indices.items():
+        row = images.loc[images["image_id"] == image_id].iloc[0]
+        wcs = WCS(fits.Header.fromstring(row["wcs_header"]))
+        sx, sy = wcs.all_world2pix(stars["ra_deg"].to_numpy(), stars["dec_deg"].to_numpy(), 0)
+        scale = np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600
+        px = partials["x"].to_numpy()[idx][:, None]
+        py = partials["y"].to_numpy()[idx][:, None]
+        d2 = (px - sx[None]) ** 2 + (py - sy[None]) ** 2
+        hit[idx] = (d2 <= (radius_arcsec / scale) ** 2).any(axis=1)
+    return hit
+
+
+def merge_duplicates(candidates: pd.DataFrame, partials: pd.DataFrame, match_px: float) -> pd.DataFrame:
+    """Keep the best (highest SNR) of candidate orbits that are the same object: predicted
+    positions within ``match_px`` in at least half of the images they share."""
+    if candidates.empty:
+        return candidates.assign(n_merged=pd.Series(dtype="int64"))
+    cand = candidates.sort_values(["snr", "orbit_id"], ascending=[False, True]).reset_index(drop=True)
+    pos = {oid: g.set_index("image_id")[["x", "y"]] for oid, g in partials[partials["orbit_id"].isin(cand["orbit_id"])].groupby("orbit_id")}
+    kept, merged = [], {}
+    for oid in cand["orbit_id"]:
+        mine = pos.get(oid)
+        owner = None
+        for best in kept:
+            other = pos.get(best)
+            if mine is None or other is None:
+                continue
+            shared = mine.index.intersection(other.index)
+            if len(shared) == 0:
+                continue
+            d = np.hypot(mine.loc[shared, "x"] - other.loc[shared, "x"], mine.loc[shared, "y"] - other.loc[shared, "y"])
+            if np.mean(d <= match_px) >= 0.5:
+                owner = best
+                break
+        if owner is None:
+            kept.append(oid)
+            merged[oid] = 1
+        else:
+            merged[owner] += 1
+    out = cand[cand["orbit_id"].isin(kept)].copy()
+    out["n_merged"] = out["orbit_id"].map(merged).astype("int64")
+    return out.reset_index(drop=True)

@@ -1,0 +1,84 @@
+"""Matched filter, combination and duplicate merging against direct numpy computations."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from skystack.tracking import combine_partials, matched_filter, merge_duplicates, sigma_g_keep
+
+
+def gaussian_patch(r, dx, dy, sigma):
+    off = np.arange(-r, r + 1)
+    gx = off[None, :] - dx
+    gy = off[:, None] - dy
+    return np.exp(-(gx**2 + gy**2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+
+
+def test_noise_free_flux_is_exact():
+    rng = np.random.default_rng(0)
+    n, r = 50, 5
+    x = rng.uniform(10, 20, n)
+    y = rng.uniform(10, 20, n)
+    sig = rng.uniform(0.8, 2.0, n)
+    c = rng.uniform(20, 40, n)  # ADU per nmgy
+    flux_nmgy = rng.uniform(1, 5, n)
+    dx, dy = x - np.floor(x + 0.5), y - np.floor(y + 0.5)
+    patches = np.stack([f * cc * gaussian_patch(r, a, b, s) for f, cc, a, b, s in zip(flux_nmgy, c, dx, dy, sig)]).astype(np.float32)
+    psi, phi = matched_filter(patches, x, y, sig, np.full(n, 3.0), c)
+    np.testing.assert_allclose(psi / phi, flux_nmgy, rtol=1e-5)
+
+
+def test_pure_noise_snr_is_standard_normal():
+    rng = np.random.default_rng(1)
+    n, r = 20000, 4
+    noise = 5.0
+    patches = (noise * rng.normal(size=(n, 2 * r + 1, 2 * r + 1))).astype(np.float32)
+    x, y = rng.uniform(0, 1, n) + 10, rng.uniform(0, 1, n) + 10
+    psi, phi = matched_filter(patches, x, y, np.full(n, 1.2), np.full(n, noise), np.full(n, 25.0))
+    snr = psi / np.sqrt(phi)
+    assert abs(snr.mean()) < 0.03 and snr.std() == pytest.approx(1.0, abs=0.03)
+
+
+def test_nan_pixels_left_out_of_both_sums():
+    rng = np.random.default_rng(2)
+    r, sig, noise, c = 4, 1.5, 2.0, 10.0
+    patch = rng.normal(size=(2 * r + 1, 2 * r + 1)).astype(np.float32) + 3 * gaussian_patch(r, 0.2, -0.3, sig).astype(np.float32)
+    patch[3, 4] = patch[0, :] = np.nan
+    psi, phi = matched_filter(patch[None], [10.2], [4.7], [sig], [noise], [c])
+    p = gaussian_patch(r, 0.2, -0.3, sig)
+    good = np.isfinite(patch)
+    assert psi[0] == pytest.approx((patch[good] * p[good]).sum() * c / noise**2, rel=1e-5)
+    assert phi[0] == pytest.approx((p[good] ** 2).sum() * c * c / noise**2, rel=1e-5)
+
+
+def test_combine_and_sigma_g_rejection():
+    rng = np.random.default_rng(3)
+    rows = []
+    for oid in (5, 9):
+        for image_id in range(40):
+            phi = rng.uniform(0.5, 2)
+            flux = 2.0 + rng.normal() / np.sqrt(phi)
+            rows.append((oid, image_id, flux * phi, phi))
+    rows.append((9, 99, 500.0 * 1.0, 1.0))  # a residual: a huge outlier in one image
+    p = pd.DataFrame(rows, columns=["orbit_id", "image_id", "psi", "phi"])
+    out = combine_partials(p, n_sigma_g=3.0).set_index("orbit_id")
+    good = p[p["image_id"] != 99]
+    for oid in (5, 9):
+        g = good[good["orbit_id"] == oid]
+        keep = sigma_g_keep((g["psi"] / g["phi"]).to_numpy(), 3.0)
+        assert out.loc[oid, "snr"] == pytest.approx(g["psi"][keep].sum() / np.sqrt(g["phi"][keep].sum()))
+    assert out.loc[9, "n_rejected"] >= 1 and out.loc[9, "flux_nmgy"] == pytest.approx(2.0, abs=0.3)
+    masked = (p["image_id"] < 10).to_numpy()
+    out2 = combine_partials(p, masked=masked).set_index("orbit_id")
+    assert out2.loc[5, "n_images"] <= 30
+
+
+def test_merge_duplicates_keeps_best():
+    img = np.arange(10)
+    part = pd.concat([
+        pd.DataFrame({"orbit_id": 1, "image_id": img, "x": img * 3.0, "y": 5.0}),
+        pd.DataFrame({"orbit_id": 2, "image_id": img, "x": img * 3.0 + 0.5, "y": 5.2}),  # same object
+        pd.DataFrame({"orbit_id": 3, "image_id": img, "x": img * 3.0 + 20, "y": 5.0}),  # another
+    ])
+    cand = pd.DataFrame({"orbit_id": [1, 2, 3], "snr": [9.0, 12.0, 8.0]})
+    out = merge_duplicates(cand, part, match_px=2.0)
+    assert out["orbit_id"].tolist() == [2, 3] and out["n_merged"].tolist() == [2, 1]
