@@ -8,9 +8,13 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/survey.smk"
 include: "workflow/rules/cache.smk"
+include: "workflow/rules/search.smk"
 
 
 rule all:

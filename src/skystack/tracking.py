@@ -195,3 +195,182 @@ def merge_duplicates(candidates: pd.DataFrame, partials: pd.DataFrame, match_px:
     out = cand[cand["orbit_id"].isin(kept)].copy()
     out["n_merged"] = out["orbit_id"].map(merged).astype("int64")
     return out.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- shard driver
+PARTIAL_COLUMNS = ["orbit_id", "image_id", "x", "y", "psi", "phi"]
+
+
+def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smoothing_sigma_px: float = 0.0,
+                    max_batch_bytes: int = 256 << 20) -> pd.DataFrame:
+    """Sparse matched-filter partial sums of ``orbits`` against the images of one cache.
+
+    Parameters
+    ----------
+    orbits : DataFrame
+        Orbit table (``skystack.orbits``).
+    images : DataFrame
+        Index rows of the images to search (all must be in ``cache``).
+    cache : skystack.cache.TileCache
+        The partition's tile cache.
+    smoothing_sigma_px : float
+        Extra Gaussian width added in quadrature to the PSF (keeps signal from neighbouring
+        orbits of a sparse grid).
+
+    Returns
+    -------
+    DataFrame with columns orbit_id, image_id, x, y, psi, phi (one row per intersection).
+    """
+    from .search import intersect
+
+    if orbits.empty or images.empty:
+        return _empty_partials()
+    hits = intersect(orbits, images, max_batch_bytes=max_batch_bytes)
+    if hits.empty:
+        return _empty_partials()
+    meta = images.set_index("image_id").loc[hits["image_id"].to_numpy()]
+    sigma = np.hypot(meta["psf_sigma_px"].to_numpy(), smoothing_sigma_px)
+    radius = patch_radius_px(float(sigma.max()))
+    patches = cache.patches(hits["image_id"].to_numpy(), hits["x"].to_numpy(), hits["y"].to_numpy(), radius)
+    # Difference images have zero background; science images carry their sky level.
+    background = np.where(meta["is_difference"].to_numpy(), 0.0, meta["sky_level"].to_numpy()).astype(np.float32)
+    patches = patches - background[:, None, None]
+    psi, phi = matched_filter(patches, hits["x"].to_numpy(), hits["y"].to_numpy(), sigma,
+                              meta["noise_sigma"].to_numpy(), counts_per_nmgy(meta["magzp"].to_numpy()))
+    out = hits[["orbit_id", "image_id", "x", "y"]].copy()
+    out["psi"], out["phi"] = psi, phi
+    return out.sort_values(["orbit_id", "image_id"], kind="stable").reset_index(drop=True)
+
+
+def _empty_partials() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c.endswith("_id") else "float64") for c in PARTIAL_COLUMNS})
+
+
+def stage_cache(path, staging_dir) -> str:
+    """Copy a tile cache to node-local disk once (reused by every chunk of the job)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    if not staging_dir:
+        return str(path)
+    staging = Path(os.path.expandvars(staging_dir)).expanduser()
+    staging.mkdir(parents=True, exist_ok=True)
+    src = Path(path)
+    dst = staging / f"{src.parent.name}_{src.name}"
+    if not dst.exists() or dst.stat().st_size != src.stat().st_size or dst.stat().st_mtime < src.stat().st_mtime:
+        tmp = dst.with_name(dst.name + ".part")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    return str(dst)
+
+
+# ----------------------------------------------------------------------------- orbit plan
+ELEMENT_COLUMNS = ["a_au", "e", "inc_deg", "node_deg", "argperi_deg", "mean_anomaly_deg", "epoch_jd_tdb"]
+
+
+def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_path=None):
+    """The listed orbits (grid, file, simulated truth) and the plan of chunks.
+
+    Listed orbits take ids 0..L-1; random orbits follow with ids L..L+R-1, each generated
+    from (seed, id) alone. Chunk c holds ids [c S, (c+1) S); a search job takes a range of
+    ``chunks_per_job`` chunks.
+    """
+    from .orbits import load_known_objects, load_orbits, validate_orbits
+
+    known = load_known_objects(known_path).set_index("name")
+    ref_name = orbit_cfg["reference"]
+    if ref_name not in known.index:
+        raise ValueError(f"orbits.reference: {ref_name!r} is not in {known_path} (have {', '.join(known.index)})")
+    reference = known.loc[ref_name, ELEMENT_COLUMNS].astype(float).to_dict()
+    parts = []
+    source = orbit_cfg["source"]
+    if truth_path is not None and (source == "truth" or orbit_cfg["include_truth"]):
+        truth = pd.read_parquet(truth_path)
+        parts.append(truth[ELEMENT_COLUMNS].assign(name=truth["name"].astype(str)))
+    if source == "grid":
+        g = orbit_cfg["grid"]
+        frac = np.linspace(g["a_frac_min"], g["a_frac_max"], g["n"])
+        grid = pd.DataFrame([reference] * len(frac))
+        grid["a_au"] = reference["a_au"] * (1 + frac)
+        parts.append(grid.assign(name=[f"{ref_name} a{f:+.5f}" for f in frac]))
+    if source == "file":
+        user = load_orbits(file_path)
+        parts.append(user[ELEMENT_COLUMNS].assign(name=user["name"].astype(str) if "name" in user else ""))
+    listed = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=ELEMENT_COLUMNS + ["name"])
+    listed.insert(0, "orbit_id", np.arange(len(listed), dtype=np.int64))
+    if len(listed):
+        validate_orbits(listed, source=str(file_path or "listed orbits"))
+    n_random = int(orbit_cfg["n_random"])  # random orbits follow whatever is listed
+    n_total = len(listed) + n_random
+    size, per_job = int(orbit_cfg["chunk_size"]), int(orbit_cfg["chunks_per_job"])
+    n_chunks = max(1, -(-n_total // size))
+    plan = {
+        "seed": int(seed), "preset": orbit_cfg["preset"], "reference": reference, "reference_name": ref_name,
+        "focused_sigma": dict(orbit_cfg["focused_sigma"]), "n_listed": len(listed), "n_random": n_random,
+        "n_total": n_total, "chunk_size": size, "chunks_per_job": per_job, "n_chunks": n_chunks,
+        "n_chunk_ranges": -(-n_chunks // per_job),
+    }
+    return listed, plan
+
+
+def orbits_for_ids(plan: dict, listed: pd.DataFrame, ids) -> pd.DataFrame:
+    """Rebuild the orbits with the given ids from the plan (listed rows, then random ones)."""
+    from .population import population
+
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[(ids >= 0) & (ids < plan["n_total"])]
+    listed_ids = ids[ids < plan["n_listed"]]
+    random_ids = ids[ids >= plan["n_listed"]]
+    parts = [listed.set_index("orbit_id").loc[listed_ids].reset_index()[["orbit_id"] + ELEMENT_COLUMNS]]
+    if len(random_ids):
+        parts.append(population(plan["preset"], random_ids, plan["seed"], plan["reference"], plan["focused_sigma"]))
+    return pd.concat(parts, ignore_index=True)
+
+
+def chunk_range_ids(plan: dict, chunk_range: int) -> np.ndarray:
+    """Orbit ids of one search job's chunk range."""
+    size, per_job = plan["chunk_size"], plan["chunks_per_job"]
+    start = chunk_range * per_job * size
+    return np.arange(start, min(start + per_job * size, plan["n_total"]), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- detections
+def light_curves(candidates: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """Per-image flux (nmgy) with 1-sd errors along each candidate orbit."""
+    lc = candidates.merge(images[["image_id", "mjd_mid_utc", "band"]], on="image_id")
+    lc["flux_nmgy"] = lc["psi"] / lc["phi"]
+    lc["flux_sd_nmgy"] = 1.0 / np.sqrt(lc["phi"])
+    return lc[["orbit_id", "image_id", "mjd_mid_utc", "band", "x", "y", "flux_nmgy", "flux_sd_nmgy"]].sort_values(
+        ["orbit_id", "mjd_mid_utc", "image_id"], kind="stable").reset_index(drop=True)
+
+
+def coadd_stamp(positions: pd.DataFrame, images: pd.DataFrame, caches: dict, radius: int = 8) -> np.ndarray:
+    """Inverse-variance weighted mean of the patches along an orbit, in nmgy per pixel."""
+    meta = images.set_index("image_id")
+    num = np.zeros((2 * radius + 1,) * 2)
+    den = np.zeros_like(num)
+    for part, g in positions.assign(partition=meta.loc[positions["image_id"], "partition"].to_numpy()).groupby("partition"):
+        m = meta.loc[g["image_id"]]
+        patches = caches[int(part)].patches(g["image_id"].to_numpy(), g["x"].to_numpy(), g["y"].to_numpy(), radius)
+        scale = counts_per_nmgy(m["magzp"].to_numpy())[:, None, None]
+        bg = np.where(m["is_difference"].to_numpy(), 0.0, m["sky_level"].to_numpy())[:, None, None]
+        w = (scale / m["noise_sigma"].to_numpy()[:, None, None]) ** 2 * np.isfinite(patches)
+        num += np.nansum(np.where(np.isfinite(patches), (patches - bg) / scale, 0.0) * w, axis=0)
+        den += w.sum(axis=0)
+    return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def match_truth(detections: pd.DataFrame, truth_positions: pd.DataFrame, candidates: pd.DataFrame, match_px: float) -> pd.Series:
+    """For each detection, the injected orbit it recovers (positions within ``match_px`` in at
+    least half the images both cover), or -1."""
+    out = pd.Series(-1, index=detections.index, dtype="int64")
+    truth_by = {oid: g.set_index("image_id")[["x", "y"]] for oid, g in truth_positions.groupby("orbit_id")}
+    for i, oid in detections["orbit_id"].items():
+        mine = candidates[candidates["orbit_id"] == oid].set_index("image_id")[["x", "y"]]
+        for toid, t in truth_by.items():
+            shared = mine.index.intersection(t.index)
+            if len(shared) and np.mean(np.hypot(mine.loc[shared, "x"] - t.loc[shared, "x"], mine.loc[shared, "y"] - t.loc[shared, "y"]) <= match_px) >= 0.5:
+                out[i] = toid
+                break
+    return out

@@ -8,6 +8,8 @@ rule build_tile_cache:
         cache=CACHE / "partition_{partition}.tiles",
     params:
         tile_px=config["cache"]["tile_px"],
+    conda:
+        CONDA_ENV
     log:
         log_path("build_tile_cache", "_{partition}"),
     benchmark:

@@ -10,7 +10,8 @@ EXPERIMENT = config["experiment"]
 RESULTS = Path(config["results_dir"]) / EXPERIMENT
 CACHE = Path(config["cache_dir"]) / EXPERIMENT
 PARTITIONS = list(range(config["partitions"]))
-KNOWN_OBJECTS = "resources/known_objects.csv"
+CONDA_ENV = "../../envs/cpu.yaml"  # relative to the rule files; envs/cuda.yaml on GPU nodes
+KNOWN_OBJECTS = str(Path(workflow.basedir) / "resources" / "known_objects.csv")
 
 
 def result(*parts):
@@ -40,4 +41,46 @@ def survey_inputs():
 
 
 def all_targets():
-    return [result("images.parquet")] + [cache_file(p) for p in PARTITIONS]
+    return [result("images.parquet"), result("detections.parquet"), result("report", "snr_histogram.png")] + [
+        cache_file(p) for p in PARTITIONS
+    ]
+
+
+def orbit_plan_inputs(wildcards):
+    """Files the orbit plan reads: known objects, the simulated truth, or the user's file."""
+    inputs = {"known_objects": KNOWN_OBJECTS}
+    o = config["orbits"]
+    if o["source"] == "truth" or o["include_truth"]:
+        if config["survey"]["source"] != "simulate":
+            raise ValueError("orbits: source 'truth' / include_truth need survey.source: simulate")
+        inputs["truth"] = result("survey", "orbits.parquet")
+    if o["source"] == "file":
+        if not o["path"]:
+            raise ValueError("orbits.path: required when orbits.source is 'file'")
+        inputs["orbit_file"] = o["path"]
+    return inputs
+
+
+def star_mask_input():
+    """The catalog's bright-star mask when the catalog stage runs, else nothing."""
+    return [result("catalog", "star_mask.parquet")] if config.get("catalog", {}).get("enabled", False) else []
+
+
+def combined_chunks(wildcards):
+    """Every chunk range's combined table (the number of ranges is known after plan_orbits)."""
+    import json
+
+    with open(checkpoints.plan_orbits.get().output.plan) as fh:
+        n_jobs = json.load(fh)["n_chunk_ranges"]
+    return [result("search", "combined", f"chunk{c}.parquet") for c in range(n_jobs)]
+
+
+def truth_input():
+    """The simulated truth (orbits and injected positions), when the survey is simulated."""
+    if config["survey"]["source"] != "simulate":
+        return []
+    return [result("survey", "orbits.parquet"), result("survey", "injected.parquet"), result("images.parquet")]
+
+
+def combined_candidates(wildcards):
+    return [p.replace(".parquet", "_candidates.parquet") for p in combined_chunks(wildcards)]

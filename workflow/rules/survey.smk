@@ -11,6 +11,8 @@ rule simulate_survey:
         known_objects=KNOWN_OBJECTS,
     params:
         simulate=lambda wc: {**config["survey"]["simulate"], "seed": config["seed"]},
+    conda:
+        CONDA_ENV
     log:
         log_path("simulate_survey"),
     benchmark:
@@ -25,9 +27,13 @@ rule index_survey:
         unpack(lambda wc: survey_inputs()),
     output:
         images=result("images.parquet"),
+        rejected=result("rejected_images.parquet"),
     params:
         site=config["survey"]["site"],
+        on_bad_image=config["survey"]["on_bad_image"],
         partitions=config["partitions"],
+    conda:
+        CONDA_ENV
     log:
         log_path("index_survey"),
     benchmark:

@@ -1,0 +1,119 @@
+# Non-linear digital tracking: orbit chunks x image partitions -> partial sums -> detections.
+
+
+checkpoint plan_orbits:
+    input:
+        unpack(orbit_plan_inputs),
+    output:
+        listed=result("search", "orbits_listed.parquet"),
+        plan=result("search", "plan.json"),
+    params:
+        orbits=config["orbits"],
+        seed=config["seed"],
+    conda:
+        CONDA_ENV
+    log:
+        log_path("plan_orbits"),
+    benchmark:
+        bench_path("plan_orbits")
+    script:
+        "../scripts/plan_orbits.py"
+
+
+rule search_shard:
+    input:
+        images=result("images.parquet"),
+        cache=cache_file("{partition}"),
+        listed=result("search", "orbits_listed.parquet"),
+        plan=result("search", "plan.json"),
+    output:
+        partials=result("search", "partials", "chunk{chunk}_p{partition}.parquet"),
+    params:
+        search=config["search"],
+        orbits=config["orbits"],
+        seed=config["seed"],
+    conda:
+        CONDA_ENV
+    log:
+        log_path("search_shard", "_{chunk}_{partition}"),
+    benchmark:
+        bench_path("search_shard", "_{chunk}_{partition}")
+    group:
+        "search"
+    script:
+        "../scripts/search_shard.py"
+
+
+rule combine_chunk:
+    input:
+        partials=expand(result("search", "partials", "chunk{{chunk}}_p{partition}.parquet"), partition=PARTITIONS),
+        images=result("images.parquet"),
+        stars=star_mask_input(),
+    output:
+        combined=result("search", "combined", "chunk{chunk}.parquet"),
+        candidates=result("search", "combined", "chunk{chunk}_candidates.parquet"),
+    params:
+        search=config["search"],
+    conda:
+        CONDA_ENV
+    log:
+        log_path("combine_chunk", "_{chunk}"),
+    benchmark:
+        bench_path("combine_chunk", "_{chunk}")
+    group:
+        "search"
+    script:
+        "../scripts/combine_chunk.py"
+
+
+rule merge_detections:
+    input:
+        combined=combined_chunks,
+        images=result("images.parquet"),
+        listed=result("search", "orbits_listed.parquet"),
+        plan=result("search", "plan.json"),
+        caches=[cache_file(p) for p in PARTITIONS],
+    output:
+        detections=result("detections.parquet"),
+        ecsv=result("detections.ecsv"),
+        light_curves=result("light_curves.ecsv"),
+        all_orbits=result("search", "all_orbits.parquet"),
+        plots=directory(result("detections")),
+    params:
+        search=config["search"],
+        orbits=config["orbits"],
+        seed=config["seed"],
+    conda:
+        CONDA_ENV
+    log:
+        log_path("merge_detections"),
+    benchmark:
+        bench_path("merge_detections")
+    script:
+        "../scripts/merge_detections.py"
+
+
+rule search_report:
+    input:
+        all_orbits=result("search", "all_orbits.parquet"),
+        detections=result("detections.parquet"),
+        listed=result("search", "orbits_listed.parquet"),
+        plan=result("search", "plan.json"),
+        truth=truth_input(),
+        candidates=combined_candidates,
+    output:
+        histogram=report(result("report", "snr_histogram.png"), caption="../report/snr_histogram.rst", category="Orbit search"),
+        completeness=report(result("report", "completeness.png"), caption="../report/completeness.rst", category="Orbit search"),
+        grid=report(result("report", "snr_grid.png"), caption="../report/snr_grid.rst", category="Orbit search"),
+        recovered=result("report", "recovered.parquet"),
+    params:
+        search=config["search"],
+        orbits=config["orbits"],
+    conda:
+        CONDA_ENV
+    log:
+        log_path("search_report"),
+    benchmark:
+        bench_path("search_report")
+    script:
+        "../scripts/search_report.py"
