@@ -30,11 +30,13 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 from astropy.utils import iers
+from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
 
 iers.conf.auto_download = False
 
 AUX_EXTNAMES = ("PSF", "VARIANCE", "INVVAR", "MASK")
+DE421_JD_TDB = (2414864.5, 2471184.5)  # 1899-07-29 to 2053-10-09: the kernel's coverage
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 # Palomar 48-inch (ZTF); used by the ZTF adapter when a header gives no site.
 PALOMAR_P48 = {"lat_deg": 33.3563, "lon_deg": -116.8650, "height_m": 1712.0}
@@ -217,15 +219,22 @@ def _describe_hdu(ref: ImageHDURef, default_site: dict | None) -> dict:
         hdr = hdul[hdu].header
         if "NAXIS1" not in hdr or "NAXIS2" not in hdr:
             raise BadImageError(path, hdu, "missing NAXIS1/NAXIS2")
-        data = np.asarray(hdul[hdu].data, dtype=np.float32)
-        mask = np.asarray(hdul[ref.aux["MASK"]].data) != 0 if "MASK" in ref.aux else None
-        variance = None
-        if "VARIANCE" in ref.aux:
-            variance = np.asarray(hdul[ref.aux["VARIANCE"]].data, dtype=np.float64)
-        elif "INVVAR" in ref.aux:
-            with np.errstate(divide="ignore"):
-                variance = 1.0 / np.asarray(hdul[ref.aux["INVVAR"]].data, dtype=np.float64)
-        psf_image = np.asarray(hdul[ref.aux["PSF"]].data) if "PSF" in ref.aux else None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", AstropyUserWarning)  # e.g. a damaged compressed tile
+                data = np.asarray(hdul[hdu].data, dtype=np.float32)
+                mask = np.asarray(hdul[ref.aux["MASK"]].data) != 0 if "MASK" in ref.aux else None
+                variance = None
+                if "VARIANCE" in ref.aux:
+                    variance = np.asarray(hdul[ref.aux["VARIANCE"]].data, dtype=np.float64)
+                elif "INVVAR" in ref.aux:
+                    with np.errstate(divide="ignore"):
+                        variance = 1.0 / np.asarray(hdul[ref.aux["INVVAR"]].data, dtype=np.float64)
+                psf_image = np.asarray(hdul[ref.aux["PSF"]].data) if "PSF" in ref.aux else None
+        except Exception as err:
+            raise BadImageError(path, hdu, f"unreadable pixel data, truncated or damaged ({err})") from err
+        if data.shape != (hdr["NAXIS2"], hdr["NAXIS1"]) and data.shape != (hdr.get("ZNAXIS2"), hdr.get("ZNAXIS1")):
+            raise BadImageError(path, hdu, f"pixel data shape {data.shape} does not match NAXIS1/NAXIS2")
     wcs = celestial_wcs(hdr, path, hdu)
     site = _site_from_header(hdr) or (PALOMAR_P48 if _is_ztf(hdr) else default_site)
     if site is None:
@@ -235,11 +244,18 @@ def _describe_hdu(ref: ImageHDURef, default_site: dict | None) -> dict:
 
     location = EarthLocation.from_geodetic(site["lon_deg"] * u.deg, site["lat_deg"] * u.deg, site["height_m"] * u.m)
     time = _mid_time(hdr, path, hdu, location)
-    exptime = float(hdr.get("EXPTIME", 0.0) or 0.0)
+    jd_tdb = float(time.tdb.jd1 + time.tdb.jd2)
+    if not DE421_JD_TDB[0] <= jd_tdb <= DE421_JD_TDB[1]:
+        raise BadImageError(path, hdu, f"time {time.utc.isot} UTC is outside the DE421 ephemeris range (1900 to 2050)")
+    exptime = float(hdr.get("EXPTIME", np.nan))
+    if "EXPTIME" in hdr and not exptime > 0:
+        raise BadImageError(path, hdu, f"EXPTIME must be positive, got {hdr['EXPTIME']!r}")
     saturate = float(hdr.get("SATURATE", np.inf))
     bad = ~np.isfinite(data) | (data >= saturate)
     if mask is not None:
         bad |= mask
+    if bad.all():
+        raise BadImageError(path, hdu, "every pixel is NaN, masked or saturated")
     good = np.where(bad, np.nan, data)
     sky_level, noise_sigma = clipped_stats(good)
     if variance is not None:
@@ -254,6 +270,10 @@ def _describe_hdu(ref: ImageHDURef, default_site: dict | None) -> dict:
         psf_sigma_px = float(hdr["SEEING"]) / pixel_scale_arcsec(wcs) / FWHM_PER_SIGMA
     else:
         raise BadImageError(path, hdu, "no PSF: no PSF_FWHM, SEEING or PSF extension")
+    if not (np.isfinite(noise_sigma) and noise_sigma > 0):
+        raise BadImageError(path, hdu, f"noise estimate is {noise_sigma} (must be positive): constant image or bad variance map")
+    if not (np.isfinite(psf_sigma_px) and psf_sigma_px > 0):
+        raise BadImageError(path, hdu, f"PSF width is {psf_sigma_px} px (must be positive)")
     nx, ny = int(hdr["NAXIS1"]), int(hdr["NAXIS2"])
     corners = wcs.all_pix2world(np.array([[0, 0], [nx - 1, 0], [nx - 1, ny - 1], [0, ny - 1]], float), 0)
     centre = wcs.all_pix2world(np.array([[(nx - 1) / 2, (ny - 1) / 2]]), 0)[0]
@@ -267,7 +287,7 @@ def _describe_hdu(ref: ImageHDURef, default_site: dict | None) -> dict:
         "ccd_id": ccd_id,
         "band": _band(hdr),
         "mjd_mid_utc": float(time.utc.mjd),
-        "jd_tdb_mid": float(time.tdb.jd1 + time.tdb.jd2),
+        "jd_tdb_mid": jd_tdb,
         "exptime_s": exptime,
         "naxis1": nx,
         "naxis2": ny,
@@ -288,7 +308,16 @@ def _describe_hdu(ref: ImageHDURef, default_site: dict | None) -> dict:
         "corners_ra_deg": corners[:, 0].tolist(),
         "corners_dec_deg": corners[:, 1].tolist(),
         "_aux": dict(ref.aux),
+        "_content": _content_hash(data, hdr),
     }
+
+
+def _content_hash(data: np.ndarray, hdr) -> str:
+    """Same pixels and same time/filter/WCS keywords: the same image, whatever the file name."""
+    h = hashlib.sha1(np.ascontiguousarray(data).tobytes())
+    for key in ("MJD-OBS", "DATE-OBS", "MJD-AVG", "OBSMJD", "FILTER", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2"):
+        h.update(f"{key}={hdr.get(key)}".encode())
+    return h.hexdigest()
 
 
 def _exposure_ids(rows: pd.DataFrame) -> np.ndarray:
@@ -307,8 +336,11 @@ def _exposure_ids(rows: pd.DataFrame) -> np.ndarray:
     return np.array([int(hashlib.sha1(k.encode()).hexdigest()[:15], 16) for k in keys], dtype=np.int64)
 
 
-def index_images(paths, site: dict | None = None) -> pd.DataFrame:
-    """One row per image HDU of the given files (columns per ``skystack.io.IMAGES``).
+REJECTED_COLUMNS = ["path", "hdu", "reason"]
+
+
+def index_survey(paths, site: dict | None = None, on_bad_image: str = "error", progress=None):
+    """Index images, deciding what to do with bad ones.
 
     Parameters
     ----------
@@ -316,22 +348,71 @@ def index_images(paths, site: dict | None = None) -> pd.DataFrame:
         FITS files (plain or tile-compressed).
     site : dict, optional
         ``lat_deg``, ``lon_deg``, ``height_m`` used when a header gives no site.
+    on_bad_image : {"error", "skip"}
+        ``error`` raises on the first bad image; ``skip`` leaves it out and records it.
+    progress : callable, optional
+        Called with a message every few hundred files.
+
+    Returns
+    -------
+    images : DataFrame
+        One row per usable image HDU (columns per ``skystack.io.IMAGES``).
+    rejected : DataFrame
+        path, hdu (-1 for a whole file), reason; duplicates are recorded here too.
+    """
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"survey.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    records, rejected, seen = [], [], {}
+    files = sorted(dict.fromkeys(map(str, paths)))
+    for k, path in enumerate(files, 1):
+        try:
+            refs = list_image_hdus(path)
+        except BadImageError as err:
+            if on_bad_image == "error":
+                raise
+            rejected.append((path, -1, err.problem))
+            continue
+        for ref in refs:
+            try:
+                rec = _describe_hdu(ref, site)
+            except BadImageError as err:
+                if on_bad_image == "error":
+                    raise
+                rejected.append((path, ref.hdu, err.problem))
+                continue
+            first = seen.setdefault(rec["_content"], (path, ref.hdu))
+            if first != (path, ref.hdu):
+                rejected.append((path, ref.hdu, f"duplicate of {first[0]} [HDU {first[1]}]"))
+                continue
+            records.append(rec)
+        if progress and k % 200 == 0:
+            progress(f"indexed {k}/{len(files)} files")
+    if not records:
+        raise ValueError(f"no usable image among {len(files)} file(s)" + (f"; first problem: {rejected[0]}" if rejected else ""))
+    return _finish_index(pd.DataFrame.from_records(records)), pd.DataFrame(rejected, columns=REJECTED_COLUMNS).astype({"hdu": "int64"})
+
+
+def index_images(paths, site: dict | None = None) -> pd.DataFrame:
+    """One row per image HDU of the given files (columns per ``skystack.io.IMAGES``).
 
     Raises
     ------
     BadImageError
         Naming the file, HDU and problem, for the first image that cannot be used.
     """
-    records = []
-    for path in sorted(dict.fromkeys(map(str, paths))):
-        for ref in list_image_hdus(path):
-            records.append(_describe_hdu(ref, site))
-    df = pd.DataFrame.from_records(records)
+    images, rejected = index_survey(paths, site, on_bad_image="error")
+    if len(rejected):  # only duplicates reach here
+        first = rejected.iloc[0]
+        raise BadImageError(first["path"], first["hdu"], f"the same image given twice ({first['reason']})")
+    return images
+
+
+def _finish_index(df: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values(["mjd_mid_utc", "path", "hdu"], kind="stable").reset_index(drop=True)
     df.insert(0, "image_id", np.arange(len(df), dtype=np.int64))
     df.insert(3, "exposure_id", _exposure_ids(df))
     df["aux_hdus"] = [",".join(f"{k}={v}" for k, v in sorted(a.items())) for a in df["_aux"]]
-    df = df.drop(columns=["_expid", "_aux"])
+    df = df.drop(columns=["_expid", "_aux", "_content"])
     df["partition"] = np.zeros(len(df), dtype=np.int64)
     return df
 
