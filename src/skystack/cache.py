@@ -153,14 +153,19 @@ class TileCache:
         xc = np.floor(np.asarray(x, dtype=np.float64) + 0.5).astype(np.int64)
         yc = np.floor(np.asarray(y, dtype=np.float64) + 0.5).astype(np.int64)
         off = np.arange(-radius, radius + 1, dtype=np.int64)
-        px = xc[:, None, None] + off[None, None, :]
-        py = yc[:, None, None] + off[None, :, None]
-        ny = self.shapes[idx, 0][:, None, None]
-        nx = self.shapes[idx, 1][:, None, None]
-        inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
-        pxc, pyc = np.where(inside, px, 0), np.where(inside, py, 0)
+        px = xc[:, None] + off[None, :]  # (n, k) columns
+        py = yc[:, None] + off[None, :]  # (n, k) rows
+        inside_x = (px >= 0) & (px < self.shapes[idx, 1][:, None])
+        inside_y = (py >= 0) & (py < self.shapes[idx, 0][:, None])
+        px, py = np.where(inside_x, px, 0), np.where(inside_y, py, 0)
         t = self.tile
-        tile_index = self._first[idx][:, None, None] + (pyc // t) * self._ntx[idx][:, None, None] + pxc // t
-        flat = self.tiles.reshape(-1)
-        values = flat[(tile_index * t + pyc % t) * t + pxc % t]
+        # The flat offset separates into a row part and a column part, so the (n, k, k)
+        # index is one broadcast add, as cheap as for a row-major array.
+        col = (px // t) * (t * t) + px % t
+        row = (py // t) * (self._ntx[idx][:, None] * t * t) + (py % t) * t
+        flat = (self._first[idx] * (t * t))[:, None, None] + row[:, :, None] + col[:, None, :]
+        values = self.tiles.reshape(-1)[flat]
+        if inside_x.all() and inside_y.all():
+            return values
+        inside = inside_y[:, :, None] & inside_x[:, None, :]
         return np.where(inside, values, np.float32(np.nan)).astype(np.float32, copy=False)
