@@ -1,0 +1,108 @@
+"""The whole workflow on the tiny simulated survey: simulation, index, cache, search."""
+import glob
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.io import fits
+from astropy.time import Time
+from astropy.wcs import WCS
+
+from conftest import REPO, run_snakemake
+from skystack.cache import TileCache
+from skystack.config import load_config
+from skystack.summary import summarize
+
+RULES = ["simulate_survey", "index_survey", "plan_orbits", "build_tile_cache_0", "build_tile_cache_1",
+         "search_shard_0_0", "combine_chunk_0", "merge_detections", "search_report"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run):
+    return tiny_run, tiny_run / "results" / "tiny"
+
+
+def test_simulated_images_follow_the_header_convention(tiny):
+    _, res = tiny
+    files = sorted(glob.glob(str(res / "survey" / "images" / "*.fits.fz")))
+    assert len(files) == 80  # 10 exposures x 4 quadrants x (science, difference)
+    with fits.open(files[0]) as hdul:
+        assert isinstance(hdul[1], fits.CompImageHDU) and hdul[1].header["ZCMPTYPE"] == "RICE_1"
+        hdr = hdul[1].header
+        for key in ("DATE-OBS", "EXPTIME", "FILTER", "MAGZP", "GAIN", "SATURATE", "PSF_FWHM", "OBSGEO-L"):
+            assert key in hdr, key
+        assert hdr["FILTER"] in ("g", "r", "i") and WCS(hdr).has_celestial
+        assert WCS(hdr).wcs.ctype[0] == "RA---TAN-SIP"
+        assert {"MASK", "PSF"} <= {h.name for h in hdul}
+        psf = hdul["PSF"].data
+        assert psf.sum() == pytest.approx(1.0, abs=1e-3) and np.unravel_index(psf.argmax(), psf.shape) == (12, 12)
+
+
+def test_index_matches_headers_and_partitions(tiny):
+    _, res = tiny
+    idx = pd.read_parquet(res / "images.parquet")
+    assert len(idx) == 80 and idx["image_id"].tolist() == list(range(80))
+    assert idx["partition"].value_counts().sort_index().tolist() == [40, 40]
+    row = idx.iloc[7]
+    with fits.open(row["path"]) as hdul:
+        hdr = hdul[int(row["hdu"])].header
+    mid = Time(hdr["DATE-OBS"], scale="utc") + hdr["EXPTIME"] / 2 / 86400
+    assert row["mjd_mid_utc"] == pytest.approx(mid.mjd, abs=1e-8)
+    assert row["jd_tdb_mid"] == pytest.approx(mid.tdb.jd1 + mid.tdb.jd2, abs=1e-8)
+    assert row["psf_sigma_px"] == pytest.approx(hdr["PSF_FWHM"] / 2.35482, rel=1e-4)
+    # A science and a difference image of one exposure share time and pointing.
+    pair = idx[idx["mjd_mid_utc"] == row["mjd_mid_utc"]]
+    assert pair["is_difference"].sum() == len(pair) // 2
+
+
+def test_cache_patches_equal_fits_pixels(tiny):
+    workdir, res = tiny
+    idx = pd.read_parquet(res / "images.parquet")
+    rng = np.random.default_rng(5)
+    for p in (0, 1):
+        cache = TileCache.open(workdir / "cache" / "tiny" / f"partition_{p}.tiles")
+        for _, row in idx[idx["partition"] == p].sample(3, random_state=p).iterrows():
+            with fits.open(row["path"]) as hdul:
+                data = hdul[int(row["hdu"])].data.astype(np.float32)
+                mask = hdul["MASK"].data
+            data[mask != 0] = np.nan
+            x = rng.integers(5, row["naxis1"] - 5, 16)
+            y = rng.integers(5, row["naxis2"] - 5, 16)
+            got = cache.patches(np.full(16, row["image_id"]), x, y, 4)
+            want = np.stack([data[j - 4:j + 5, i - 4:i + 5] for i, j in zip(x, y)])
+            np.testing.assert_array_equal(got, want)
+
+
+def test_injected_objects_recovered(tiny):
+    _, res = tiny
+    rec = pd.read_parquet(res / "report" / "recovered.parquet")
+    assert len(rec) == 3 and rec["detected"].all()
+    det = pd.read_parquet(res / "detections.parquet")
+    truth = pd.read_parquet(res / "survey" / "orbits.parquet")
+    # Each detection's orbit is close to a true one (the search grid includes the truth).
+    for _, d in det.iterrows():
+        assert np.abs(truth["a_au"] - d["a_au"]).min() < 0.01
+    assert (det["snr"] >= 7.0).all() and (det["n_images"] >= 5).all()
+    lc = pd.read_csv(res / "light_curves.ecsv", comment="#", sep=" ")
+    assert set(lc["orbit_id"]) == set(det["orbit_id"])
+
+
+def test_logs_benchmarks_and_summary(tiny):
+    workdir, res = tiny
+    for rule in RULES:
+        text = (workdir / "logs" / "tiny" / f"{rule}.log").read_text()
+        assert "started" in text, rule
+        assert (workdir / "benchmarks" / "out" / "tiny" / f"{rule}.tsv").exists(), rule
+    assert "device: JAX" in (workdir / "logs" / "tiny" / "search_shard_0_0.log").read_text()
+    plan = json.loads((res / "search" / "plan.json").read_text())
+    assert plan["n_chunk_ranges"] == 2
+    lines = summarize(load_config(REPO / "config" / "experiments" / "tiny.yaml"), workdir)
+    assert "80 images (40 difference) from 10 exposures, 2 partitions" in lines[1]
+    assert "injected objects recovered: 3 of 3" in "\n".join(lines)
+
+
+def test_rerun_has_nothing_to_do(tiny):
+    workdir, _ = tiny
+    proc = run_snakemake(workdir, "--dry-run")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
