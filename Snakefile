@@ -14,7 +14,9 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/survey.smk"
 include: "workflow/rules/cache.smk"
+include: "workflow/rules/catalog.smk"
 include: "workflow/rules/search.smk"
+include: "workflow/rules/deconvolve.smk"
 
 
 rule all:

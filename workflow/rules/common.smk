@@ -41,9 +41,10 @@ def survey_inputs():
 
 
 def all_targets():
-    return [result("images.parquet"), result("detections.parquet"), result("report", "snr_histogram.png")] + [
-        cache_file(p) for p in PARTITIONS
-    ]
+    """Every stage's final outputs; catalog_targets and deconvolve_targets live in their rule files."""
+    targets = [result("images.parquet"), result("detections.parquet"), result("report", "snr_histogram.png")]
+    targets += [cache_file(p) for p in PARTITIONS]
+    return targets + catalog_targets() + deconvolve_targets()
 
 
 def orbit_plan_inputs(wildcards):
