@@ -106,3 +106,21 @@ def test_rerun_has_nothing_to_do(tiny):
     workdir, _ = tiny
     proc = run_snakemake(workdir, "--dry-run")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_catalog_matches_the_simulated_sky(tiny):
+    _, res = tiny
+    cat = pd.read_parquet(res / "catalog.parquet")
+    fits_cat = fits.getdata(res / "catalog.fits", "CATALOG")
+    assert len(fits_cat) == len(cat) >= 5
+    np.testing.assert_allclose(fits_cat["ra"], cat["ra"])
+    truth = pd.read_parquet(res / "survey" / "sources.parquet")
+    cosd = np.cos(np.radians(cat["dec"].to_numpy()))[:, None]
+    d_arcsec = 3600 * np.hypot((cat["ra"].to_numpy()[:, None] - truth["ra_deg"].to_numpy()[None]) * cosd,
+                               cat["dec"].to_numpy()[:, None] - truth["dec_deg"].to_numpy()[None])
+    nearest = d_arcsec.argmin(axis=1)
+    assert np.median(d_arcsec.min(axis=1)) < 0.5
+    true_mag = 22.5 - 2.5 * np.log10(truth["flux_r_nmgy"].to_numpy()[nearest])
+    assert np.median(np.abs(cat["mag_r"].to_numpy() - true_mag)) < 0.2
+    assert cat["converged"].all() and (cat["region"] >= 0).all()
+    assert {"ra_sd", "dec_sd", "p_star", "flux_r_sd_nmgy", "color_gr", "gal_radius_arcsec"} <= set(cat.columns)

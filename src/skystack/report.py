@@ -82,3 +82,21 @@ def snr_versus_parameter(values: np.ndarray, snr: np.ndarray, truth_value: float
     ax.set_ylabel("combined SNR")
     ax.legend()
     _save(fig, path)
+
+
+def catalog_figure(catalog: pd.DataFrame, path) -> None:
+    """Position and flux uncertainty against r magnitude, stars and galaxies apart."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    star = catalog["p_star"].to_numpy(float) >= 0.5
+    pos_sd = np.hypot(catalog["ra_sd"].to_numpy(float), catalog["dec_sd"].to_numpy(float))
+    rel_sd = catalog["flux_r_sd_nmgy"].to_numpy(float) / catalog["flux_r_nmgy"].to_numpy(float)
+    mag = catalog["mag_r"].to_numpy(float)
+    for mask, label, marker in ((star, "stars", "*"), (~star, "galaxies", "o")):
+        axes[0].scatter(mag[mask], pos_sd[mask], s=12, marker=marker, label=f"{label} ({mask.sum()})")
+        axes[1].scatter(mag[mask], rel_sd[mask], s=12, marker=marker)
+    axes[0].set(xlabel="r (AB mag)", ylabel="position sd (arcsec)", yscale="log")
+    axes[1].set(xlabel="r (AB mag)", ylabel="r flux sd / flux", yscale="log")
+    conv = catalog["converged"].astype(bool).mean() if len(catalog) else float("nan")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{len(catalog)} sources, {100 * conv:.0f}% converged", fontsize=10)
+    _save(fig, path)

@@ -23,6 +23,7 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from .io import atomic_path, write_parquet
+from .wcs import astropy_world2pix_near
 
 log = logging.getLogger(__name__)
 
@@ -336,18 +337,10 @@ def _image_boxes(images: list[SimImage], pad_deg: float = 0.01):
     return boxes
 
 
-def _sources_in_image(s: dict, sources: pd.DataFrame, im: SimImage, margin_px: float = 20.0):
+def _sources_in_image(sources: pd.DataFrame, im: SimImage, margin_px: float = 20.0):
     if sources.empty:
         return sources.iloc[:0], np.zeros(0), np.zeros(0)
-    ra, dec = sources["ra_deg"].to_numpy(), sources["dec_deg"].to_numpy()
-    # Only sources near the quadrant: the SIP inverse solve diverges far outside it.
-    ra0, dec0 = im.wcs.all_pix2world([[(im.nx - 1) / 2, (im.ny - 1) / 2]], 0)[0]
-    cos_sep = (np.sin(np.radians(dec)) * np.sin(np.radians(dec0))
-               + np.cos(np.radians(dec)) * np.cos(np.radians(dec0)) * np.cos(np.radians(ra - ra0)))
-    radius_deg = (np.hypot(im.nx, im.ny) / 2 + margin_px) * s["pixel_scale_arcsec"] / 3600 * 1.5
-    near = cos_sep > np.cos(np.radians(radius_deg))
-    sources, ra, dec = sources[near], ra[near], dec[near]
-    x, y = im.wcs.all_world2pix(ra, dec, 0, quiet=True)
+    x, y = astropy_world2pix_near(im.wcs, sources["ra_deg"].to_numpy(), sources["dec_deg"].to_numpy(), (im.ny, im.nx))
     keep = (x > -margin_px) & (x < im.nx - 1 + margin_px) & (y > -margin_px) & (y < im.ny - 1 + margin_px)
     return sources[keep], x[keep], y[keep]
 
@@ -360,7 +353,7 @@ def render_image(s: dict, im: SimImage, sources: pd.DataFrame, movers: pd.DataFr
     cpn = counts_per_nmgy(exp.magzp)
     static = galsim.ImageF(im.nx, im.ny, xmin=0, ymin=0)
     moving = galsim.ImageF(im.nx, im.ny, xmin=0, ymin=0)
-    srcs, xs, ys = _sources_in_image(s, sources, im)
+    srcs, xs, ys = _sources_in_image(sources, im)
     residual = np.zeros((im.ny, im.nx), np.float32)
     for (_, src), x, y in zip(srcs.iterrows(), xs, ys):
         jac = _local_jacobian(im.wcs, x, y)

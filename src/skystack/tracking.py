@@ -149,14 +149,17 @@ def star_mask_hits(partials: pd.DataFrame, images: pd.DataFrame, stars: pd.DataF
     """True for intersections within ``radius_arcsec`` of a masked (bright) star."""
     if stars is None or stars.empty or partials.empty:
         return np.zeros(len(partials), bool)
-    from astropy.wcs import WCS
     from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from .wcs import astropy_world2pix_near
 
     hit = np.zeros(len(partials), bool)
     for image_id, idx in partials.groupby("image_id").indices.items():
         row = images.loc[images["image_id"] == image_id].iloc[0]
         wcs = WCS(fits.Header.fromstring(row["wcs_header"]))
-        sx, sy = wcs.all_world2pix(stars["ra_deg"].to_numpy(), stars["dec_deg"].to_numpy(), 0)
+        sx, sy = astropy_world2pix_near(wcs, stars["ra_deg"].to_numpy(), stars["dec_deg"].to_numpy(),
+                                        (int(row["naxis2"]), int(row["naxis1"])))
         scale = np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600
         px = partials["x"].to_numpy()[idx][:, None]
         py = partials["y"].to_numpy()[idx][:, None]

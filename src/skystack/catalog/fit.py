@@ -120,7 +120,7 @@ class _Scene:
         self.fit_rows = fit_rows
         self.xy, self.jac, self.near = [], [], []
         for im in images:
-            xy, jac = sky_to_pixel_jacobian(im.wcs, ra, dec)
+            xy, jac = sky_to_pixel_jacobian(im.wcs, ra, dec, shape_yx=im.shape)
             ny, nx = im.shape
             near = ((xy[:, 0] > -half - PAIR_REACH_PX) & (xy[:, 0] < nx - 1 + half + PAIR_REACH_PX)
                     & (xy[:, 1] > -half - PAIR_REACH_PX) & (xy[:, 1] < ny - 1 + half + PAIR_REACH_PX))

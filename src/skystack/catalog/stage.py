@@ -1,0 +1,120 @@
+"""The catalog stage in the workflow: images from the index, candidates, regions, outputs.
+
+The science lives in the rest of the package; this module connects it to the image index
+(``images.parquet``) and writes the stage's tables.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from astropy.io import fits
+from astropy.table import Table
+
+from ..io import atomic_path, write_parquet
+from ..survey import aux_of, read_pixels
+from .data import ImageData
+from .regions import make_regions, region_neighbours
+
+#: Columns an external candidate file must have (fluxes in nanomaggies).
+CANDIDATE_COLUMNS = ("ra", "dec", "flux_r_nmgy")
+
+
+def science_images(index: pd.DataFrame) -> pd.DataFrame:
+    """The images the catalog is fitted to: science images, never difference images."""
+    return index[~index["is_difference"].astype(bool)].sort_values("image_id").reset_index(drop=True)
+
+
+def load_image(row) -> ImageData:
+    """Pixels (NaN where masked or saturated), WCS, PSF (the ``PSF`` extension when present)."""
+    aux = aux_of(row)
+    pixels = read_pixels(row["path"], int(row["hdu"]), aux, float(row["saturate"]))
+    psf = None
+    if "PSF" in aux:
+        psf = np.asarray(fits.getdata(row["path"], aux["PSF"]), dtype=float)
+    return ImageData.from_index_row(row, pixels, psf)
+
+
+def _unit(ra_deg, dec_deg) -> np.ndarray:
+    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
+    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], -1)
+
+
+def images_overlapping(index: pd.DataFrame, ra_deg, dec_deg, margin_arcsec: float) -> pd.DataFrame:
+    """Index rows of images within ``margin_arcsec`` of any of the given positions."""
+    if len(index) == 0 or len(ra_deg) == 0:
+        return index.iloc[:0]
+    centre = _unit(index["ra_center_deg"].to_numpy(float), index["dec_center_deg"].to_numpy(float))
+    corners = [(_unit(np.asarray(r, float), np.asarray(d, float)) @ c).min()
+               for r, d, c in zip(index["corners_ra_deg"], index["corners_dec_deg"], centre)]
+    radius_rad = np.arccos(np.clip(corners, -1, 1)) + np.radians(margin_arcsec / 3600.0)
+    sep_cos = (centre @ _unit(np.asarray(ra_deg, float), np.asarray(dec_deg, float)).T).max(axis=1)
+    return index[sep_cos >= np.cos(radius_rad)]
+
+
+def read_candidates(path) -> pd.DataFrame:
+    """An external candidate list (parquet, CSV or FITS table) with at least ra, dec, flux_r_nmgy."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif path.suffix in (".fits", ".fit"):
+            df = Table.read(path).to_pandas()
+        else:
+            df = pd.read_csv(path)
+    except Exception as err:  # the reader's own message says what is wrong with the file
+        raise ValueError(f"{path}: cannot read the candidate list: {err}") from None
+    missing = [c for c in CANDIDATE_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: candidate list lacks column(s) {missing}")
+    bad = ~np.isfinite(df[list(CANDIDATE_COLUMNS)].to_numpy(float)).all(axis=1) | (df["dec"].abs() > 90)
+    if bad.any():
+        raise ValueError(f"{path}: rows {np.flatnonzero(bad)[:5].tolist()} have non-finite or impossible ra/dec/flux")
+    return df.sort_values(["dec", "ra"], kind="stable").reset_index(drop=True)
+
+
+def plan_regions(candidates: pd.DataFrame, max_sources_per_region: int, n_regions: int | None = None):
+    """Candidates with a ``region`` column (balanced by count) and the plan as a dict."""
+    regions = make_regions(candidates, n_regions=n_regions, max_sources_per_region=max_sources_per_region)
+    out = candidates.assign(region=regions)
+    n = int(regions.max()) + 1 if len(regions) else 1
+    counts = np.bincount(regions, minlength=n).tolist() if len(regions) else [0]
+    return out, {"n_regions": n, "sources_per_region": counts}
+
+
+def region_inputs(regions: pd.DataFrame, region: int, margin_arcsec: float):
+    """The region's own sources and its fixed neighbours from other regions."""
+    labels = regions["region"].to_numpy()
+    cands = regions.drop(columns="region")
+    return cands[labels == region], region_neighbours(cands, labels, region, margin_arcsec)
+
+
+def bright_star_mask(catalog: pd.DataFrame, mag_limit: float, p_star_min: float = 0.5) -> pd.DataFrame:
+    """Stars brighter than ``mag_limit`` in r: the search masks intersections near them."""
+    stars = catalog[(catalog["p_star"] >= p_star_min) & (catalog["mag_r"] < mag_limit)]
+    return pd.DataFrame({"ra_deg": stars["ra"].to_numpy(float), "dec_deg": stars["dec"].to_numpy(float),
+                         "mag_r": stars["mag_r"].to_numpy(float)})
+
+
+def write_catalog(catalog: pd.DataFrame, parquet_path, fits_path) -> None:
+    """The merged catalog as parquet and as a FITS binary table (with units)."""
+    write_parquet(catalog, parquet_path)
+    table = Table.from_pandas(catalog.reset_index(drop=True))
+    for name in table.colnames:
+        if name in ("ra", "dec", "gal_angle_deg"):
+            table[name].unit = "deg"
+        elif name in ("ra_sd", "dec_sd", "gal_radius_arcsec"):
+            table[name].unit = "arcsec"
+        elif name.startswith("mag_") or name.startswith("color_"):
+            table[name].unit = "mag"
+    table.meta["EXTNAME"] = "CATALOG"
+    table.meta["FLUXUNIT"] = "nanomaggy"  # *_nmgy columns; 1 nanomaggy is AB magnitude 22.5
+    with atomic_path(fits_path) as tmp:
+        table.write(tmp, format="fits")
+
+
+def write_json(obj: dict, path) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1))
