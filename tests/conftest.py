@@ -9,15 +9,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+TINY = REPO / "config" / "experiments" / "tiny.yaml"
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def run_snakemake(workdir, *args, configfile=None, cores=2, check=True, env=None, timeout=900):
-    """Run the workflow in ``workdir`` (results, cache, logs and .snakemake all go there)."""
+    """Run the workflow in ``workdir`` (results, cache, logs and .snakemake all go there).
+
+    ``configfile``: one path or a list (later files override earlier ones, key by key).
+    """
+    configs = configfile if isinstance(configfile, (list, tuple)) else [configfile or TINY]
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
-           "--profile", str(REPO / "profiles" / "default"),
-           "--configfile", str(configfile or REPO / "config" / "experiments" / "tiny.yaml"), *map(str, args)]
+           "--profile", str(REPO / "profiles" / "default"), "--configfile", *map(str, configs), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -30,3 +34,30 @@ def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny")
     run_snakemake(workdir)
     return workdir
+
+
+def read_table(path):
+    """A result table as a DataFrame, rows in a canonical order."""
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    keys = [c for c in ("orbit_id", "image_id", "source_id", "region", "ra", "dec") if c in df.columns]
+    return df.sort_values(keys, kind="stable").reset_index(drop=True) if keys else df
+
+
+def assert_same_table(path_a, path_b, rtol=0.0):
+    """Same columns and rows; floats equal to ``rtol`` (0: exactly)."""
+    import numpy as np
+    import pandas as pd
+
+    a, b = read_table(path_a), read_table(path_b)
+    assert list(a.columns) == list(b.columns), (path_a, path_b)
+    assert len(a) == len(b), f"{path_a}: {len(a)} rows, {path_b}: {len(b)} rows"
+    for col in a.columns:
+        if pd.api.types.is_float_dtype(a[col]):
+            np.testing.assert_allclose(a[col].to_numpy(), b[col].to_numpy(), rtol=rtol, atol=0, equal_nan=True,
+                                       err_msg=f"{path_a}: column {col}")
+        elif a[col].dtype == object:  # may hold arrays (e.g. footprint corners)
+            assert all(np.array_equal(u, v) for u, v in zip(a[col], b[col])), f"{path_a}: column {col}"
+        else:
+            assert a[col].tolist() == b[col].tolist(), f"{path_a}: column {col}"

@@ -3,13 +3,15 @@
 Needs root and apt-get (to install Debian's Slurm and munge when missing);
 elsewhere these tests skip and say why.
 """
-import filecmp
 import subprocess
-import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from astropy.io import fits
+
+from conftest import assert_same_table
 
 from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
     FAST_POLLING,
@@ -24,57 +26,6 @@ pytestmark = pytest.mark.slurm
 
 GPU_RULES = {"fit_region", "deconvolve_shard", "search_shard"}
 
-# Three stages with a fan-out; rule names borrowed from skystack so that the
-# repository profile's set-resources (with gpu: 1 for search_shard) apply.
-SNAKEFILE = textwrap.dedent('''\
-    SHARDS = [1, 2, 3]
-
-    rule all:
-        input:
-            "results/merged.txt",
-
-    rule index_survey:
-        output:
-            "results/seed.txt",
-        log:
-            "logs/index_survey.log",
-        threads: 2
-        resources:
-            mem_mb=200,
-            runtime=5,
-        shell:
-            "(seq 1 10 > {output}) 2> {log}; echo indexed >> {log}"
-
-    rule search_shard:
-        input:
-            "results/seed.txt",
-        output:
-            "results/shard_{shard}.txt",
-        log:
-            "logs/search_shard_{shard}.log",
-        threads: 1
-        resources:
-            mem_mb=300,
-            runtime=5,
-        shell:
-            "(awk -v s={wildcards.shard} '{{print $1 * s, $1 + s}}' {input} > {output}) 2> {log}; "
-            "echo shard {wildcards.shard} on $(hostname) >> {log}"
-
-    rule merge_detections:
-        input:
-            expand("results/shard_{shard}.txt", shard=SHARDS),
-        output:
-            "results/merged.txt",
-        log:
-            "logs/merge_detections.log",
-        threads: 1
-        resources:
-            mem_mb=200,
-            runtime=5,
-        shell:
-            "(cat {input} | sort -n > {output}) 2> {log}"
-''')
-
 
 def test_profile_is_complete():
     """profiles/slurm: slurm executor, squeue status, logs/slurm, no site settings, GPUs where JAX gains."""
@@ -87,10 +38,10 @@ def test_profile_is_complete():
     assert {"mem_mb", "runtime"} <= set(defaults)
     assert not {"slurm_partition", "slurm_account"} & set(defaults)
     rules = profile["set-resources"]
-    expected = {"simulate_survey", "index_survey", "build_tile_cache", "detect", "fit_region", "merge_catalog",
-                "extract_stamps", "deconvolve_shard", "merge_deconvolved", "search_shard", "combine_chunk",
-                "merge_detections", "report"}
-    assert expected <= set(rules)
+    listed = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--list-rules"], capture_output=True,
+                            text=True, cwd=REPO, check=True).stdout.splitlines()
+    listed = [line.strip() for line in listed if line.strip().isidentifier()]
+    assert set(listed) - {"all"} == set(rules), "every rule has its Slurm resources, and only rules that exist"
     assert {r for r, res in rules.items() if res.get("gpu")} == GPU_RULES
 
 
@@ -108,42 +59,38 @@ def test_gpu_request_rejected_without_gres(slurm_cluster, tmp_path):
         slurm_cluster.sbatch("--gpus=1", "--wrap", "true", "-D", str(tmp_path), "-o", "/dev/null")
 
 
-def _outputs(workdir: Path) -> list[str]:
-    return sorted(str(p.relative_to(workdir)) for p in (workdir / "results").rglob("*") if p.is_file())
+def _result_files(workdir: Path) -> list[str]:
+    return sorted(str(p.relative_to(workdir)) for p in (workdir / "results").rglob("*")
+                  if p.is_file() and p.name != ".snakemake_timestamp")
 
 
-def test_workflow_on_slurm_matches_local(slurm_cluster, tmp_path):
-    """A fan-out workflow through `--executor slurm` (via the repository's profile) equals a local run."""
-    snakefile = tmp_path / "Snakefile"
-    snakefile.write_text(SNAKEFILE)
+def test_tiny_workflow_on_slurm_matches_local(slurm_cluster, tmp_path, tiny_run):
+    """The whole tiny workflow through `--profile profiles/slurm` equals the local run."""
     profile = derive_profile(REPO / "profiles" / "slurm", tmp_path / "profile",
                              updates={**FAST_POLLING, "latency-wait": 5}, cluster=slurm_cluster)
     derived = yaml.safe_load((profile / "config.yaml").read_text())
     assert not any("gpu" in res for res in derived["set-resources"].values())
-
-    slurm_dir, local_dir = tmp_path / "on_slurm", tmp_path / "local"
+    slurm_dir = tmp_path / "on_slurm"
     slurm_dir.mkdir()
-    local_dir.mkdir()
-    proc = run_snakemake_on_slurm(slurm_dir, snakefile, profile, timeout=600)
+    proc = run_snakemake_on_slurm(slurm_dir, REPO / "Snakefile", profile, timeout=900,
+                                  extra_args=["--configfile", REPO / "config" / "experiments" / "tiny.yaml"])
     log = proc.stdout + proc.stderr
     assert "submitted with SLURM jobid" in log
     assert "Falling back to 'sacct'" not in log
 
-    local = subprocess.run([SNAKEMAKE, "-s", str(snakefile), "--directory", str(local_dir), "--cores", "2",
-                            "--workflow-profile", "none"], capture_output=True, text=True, timeout=300)
-    assert local.returncode == 0, local.stderr[-4000:]
-
-    files = _outputs(local_dir)
-    assert files == ["results/merged.txt", "results/seed.txt", "results/shard_1.txt", "results/shard_2.txt",
-                     "results/shard_3.txt"]
-    assert _outputs(slurm_dir) == files
-    match, mismatch, errors = filecmp.cmpfiles(local_dir, slurm_dir, files, shallow=False)
-    assert not mismatch and not errors, (mismatch, errors)
-
-    # every job wrote its rule log, and Slurm's own per-job logs went to logs/slurm/
-    for name in ("index_survey", "search_shard_1", "search_shard_2", "search_shard_3", "merge_detections"):
-        assert (slurm_dir / "logs" / f"{name}.log").exists(), name
-    assert "shard 2 on" in (slurm_dir / "logs" / "search_shard_2.log").read_text()
-    slurm_logs = list((slurm_dir / "logs" / "slurm").rglob("*.log"))
-    assert {p.relative_to(slurm_dir / "logs" / "slurm").parts[0] for p in slurm_logs} == {
-        "rule_index_survey", "rule_search_shard", "rule_merge_detections"}
+    files = _result_files(tiny_run)
+    assert _result_files(slurm_dir) == files
+    tables = [f for f in files if f.endswith(".parquet")]
+    assert len(tables) > 20
+    for name in tables:
+        assert_same_table(tiny_run / name, slurm_dir / name)
+    for name in [f for f in files if f.endswith(".fits.fz")][:6]:
+        with fits.open(tiny_run / name) as a, fits.open(slurm_dir / name) as b:
+            assert np.array_equal(a[1].data, b[1].data), name
+    # Every job wrote its rule log; Slurm's own per-job logs went to logs/slurm/, one folder per rule.
+    for name in ("simulate_survey", "index_survey", "fit_region_0", "search_shard_0_1", "merge_detections"):
+        assert "started" in (slurm_dir / "logs" / "tiny" / f"{name}.log").read_text(), name
+    rules = {p.relative_to(slurm_dir / "logs" / "slurm").parts[0] for p in (slurm_dir / "logs" / "slurm").rglob("*.log")}
+    assert {"rule_simulate_survey", "rule_fit_region", "rule_merge_detections"} <= rules
+    # The search shards of a chunk range went as one grouped job, not one Slurm job each.
+    assert "group_search" in rules and "rule_search_shard" not in rules

@@ -82,3 +82,23 @@ def test_merge_duplicates_keeps_best():
     cand = pd.DataFrame({"orbit_id": [1, 2, 3], "snr": [9.0, 12.0, 8.0]})
     out = merge_duplicates(cand, part, match_px=2.0)
     assert out["orbit_id"].tolist() == [2, 3] and out["n_merged"].tolist() == [2, 1]
+
+
+def test_merge_duplicates_drops_orbits_that_borrow_signal():
+    """Orbit 2 follows object 1 in 4 of 10 images (not half, so not a plain duplicate); its
+    SNR from the other 6 images is below threshold, so its signal is borrowed. Orbit 3
+    overlaps as much but has real signal of its own elsewhere."""
+    img = np.arange(10)
+    track = pd.DataFrame({"orbit_id": 1, "image_id": img, "x": img * 3.0, "y": 5.0, "psi": 3.0, "phi": 1.0})
+    off = np.where(img < 4, 0.0, 30.0)
+    borrow = track.assign(orbit_id=2, x=img * 3.0 + off, psi=np.where(img < 4, 3.0, 0.5))
+    real = track.assign(orbit_id=3, x=img * 3.0 - off, psi=np.where(img < 4, 3.0, 4.0))
+    part = pd.concat([track, borrow, real], ignore_index=True)
+    cand = pd.DataFrame({"orbit_id": [1, 2, 3], "snr": [9.5, 7.5, 11.0]})
+    plain = merge_duplicates(cand, part, match_px=2.0)
+    assert sorted(plain["orbit_id"]) == [1, 2, 3]
+    out = merge_duplicates(cand, part, match_px=2.0, snr_threshold=7.0)
+    # Residual SNRs off the kept tracks: orbit 1: 6*3/sqrt(6) = 7.3 (kept); orbit 2:
+    # 6*0.5/sqrt(6) = 1.2, borrowed from orbit 3, the first kept orbit it follows.
+    assert out["orbit_id"].tolist() == [3, 1]
+    assert out.set_index("orbit_id")["n_merged"].to_dict() == {3: 2, 1: 1}

@@ -12,6 +12,8 @@ def setup(log_path, name: str) -> logging.Logger:
     sys.stderr = handle
     logging.basicConfig(level=logging.INFO, stream=handle, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # JAX reports every platform it probes (TPU, ...) at INFO; only its warnings belong here.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     logger = logging.getLogger(name)
     logger.info("started (%s)", time.strftime("%Y-%m-%d %H:%M:%S"))
     return logger

@@ -20,7 +20,9 @@ def _save(fig, path) -> None:
 def detection_figure(stamp: np.ndarray, light_curve: pd.DataFrame, title: str, path) -> None:
     """Coadded stamp along the orbit beside the per-image light curve (flux with 1-sd bars)."""
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 2]})
-    ax0.imshow(stamp, origin="lower", cmap="gray_r")
+    # Percentile limits: a single hot pixel or subtraction residual would set the scale otherwise.
+    lo, hi = np.nanpercentile(stamp, [1, 99]) if np.isfinite(stamp).any() else (0, 1)
+    ax0.imshow(stamp, origin="lower", cmap="gray_r", vmin=lo, vmax=hi)
     ax0.set_title("coadd along orbit")
     ax0.set_xticks([]), ax0.set_yticks([])
     for band, g in light_curve.groupby("band"):
@@ -75,9 +77,12 @@ def completeness(truth: pd.DataFrame, path) -> None:
 def snr_versus_parameter(values: np.ndarray, snr: np.ndarray, truth_value: float, xlabel: str, path) -> None:
     """Combined SNR along a one-parameter orbit grid, the true value marked."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    if len(values) == 0:
+        ax.text(0.5, 0.5, "no orbit grid in this experiment\n(orbits.source: grid searches one)",
+                ha="center", va="center", transform=ax.transAxes)
     order = np.argsort(values)
     ax.plot(np.asarray(values)[order], np.asarray(snr)[order], "o-", ms=3)
-    ax.axvline(truth_value, color="r", lw=1, label="truth")
+    ax.axvline(truth_value, color="r", lw=1, label="reference")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("combined SNR")
     ax.legend()

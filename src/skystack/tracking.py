@@ -168,28 +168,23 @@ def star_mask_hits(partials: pd.DataFrame, images: pd.DataFrame, stars: pd.DataF
     return hit
 
 
-def merge_duplicates(candidates: pd.DataFrame, partials: pd.DataFrame, match_px: float) -> pd.DataFrame:
-    """Keep the best (highest SNR) of candidate orbits that are the same object: predicted
-    positions within ``match_px`` in at least half of the images they share."""
+def merge_duplicates(candidates: pd.DataFrame, partials: pd.DataFrame, match_px: float,
+                     snr_threshold: float | None = None) -> pd.DataFrame:
+    """Keep the best (highest SNR) of candidate orbits that are the same object.
+
+    A candidate is a duplicate of a better one kept before it when their predicted
+    positions are within ``match_px`` in at least half of the images they share. With
+    ``snr_threshold``, a candidate that only partly follows kept objects is a duplicate
+    too when its SNR from the images where it is NOT on a kept object's track falls below
+    the threshold: its signal is borrowed (its partials need ``psi`` and ``phi``).
+    """
     if candidates.empty:
         return candidates.assign(n_merged=pd.Series(dtype="int64"))
     cand = candidates.sort_values(["snr", "orbit_id"], ascending=[False, True]).reset_index(drop=True)
-    pos = {oid: g.set_index("image_id")[["x", "y"]] for oid, g in partials[partials["orbit_id"].isin(cand["orbit_id"])].groupby("orbit_id")}
+    pos = {oid: g.set_index("image_id") for oid, g in partials[partials["orbit_id"].isin(cand["orbit_id"])].groupby("orbit_id")}
     kept, merged = [], {}
     for oid in cand["orbit_id"]:
-        mine = pos.get(oid)
-        owner = None
-        for best in kept:
-            other = pos.get(best)
-            if mine is None or other is None:
-                continue
-            shared = mine.index.intersection(other.index)
-            if len(shared) == 0:
-                continue
-            d = np.hypot(mine.loc[shared, "x"] - other.loc[shared, "x"], mine.loc[shared, "y"] - other.loc[shared, "y"])
-            if np.mean(d <= match_px) >= 0.5:
-                owner = best
-                break
+        owner = _duplicate_of(pos.get(oid), [(best, pos.get(best)) for best in kept], match_px, snr_threshold)
         if owner is None:
             kept.append(oid)
             merged[oid] = 1
@@ -198,6 +193,32 @@ def merge_duplicates(candidates: pd.DataFrame, partials: pd.DataFrame, match_px:
     out = cand[cand["orbit_id"].isin(kept)].copy()
     out["n_merged"] = out["orbit_id"].map(merged).astype("int64")
     return out.reset_index(drop=True)
+
+
+def _duplicate_of(mine: pd.DataFrame | None, kept: list, match_px: float, snr_threshold: float | None):
+    """The kept orbit that ``mine`` duplicates, or None."""
+    if mine is None:
+        return None
+    on_track = pd.Series(False, index=mine.index)
+    most, most_shared = None, 0
+    for best, other in kept:
+        if other is None:
+            continue
+        shared = mine.index.intersection(other.index)
+        if len(shared) == 0:
+            continue
+        close = np.hypot(mine.loc[shared, "x"] - other.loc[shared, "x"], mine.loc[shared, "y"] - other.loc[shared, "y"]) <= match_px
+        if close.mean() >= 0.5:
+            return best
+        on_track.loc[shared[close.to_numpy()]] = True
+        if close.sum() > most_shared:
+            most, most_shared = best, int(close.sum())
+    if snr_threshold is None or most is None:
+        return None
+    rest = mine[~on_track]
+    phi = rest["phi"].sum()
+    residual_snr = rest["psi"].sum() / np.sqrt(phi) if phi > 0 else 0.0
+    return most if residual_snr < snr_threshold else None
 
 
 # ----------------------------------------------------------------------------- shard driver
@@ -235,6 +256,7 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
     sigma = np.hypot(meta["psf_sigma_px"].to_numpy(), smoothing_sigma_px)
     radius = patch_radius_px(float(sigma.max()))
     patches = cache.patches(hits["image_id"].to_numpy(), hits["x"].to_numpy(), hits["y"].to_numpy(), radius)
+    patches = _crop_to_own_radius(patches, sigma)
     # Difference images have zero background; science images carry their sky level.
     background = np.where(meta["is_difference"].to_numpy(), 0.0, meta["sky_level"].to_numpy()).astype(np.float32)
     patches = patches - background[:, None, None]
@@ -243,6 +265,16 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
     out = hits[["orbit_id", "image_id", "x", "y"]].copy()
     out["psi"], out["phi"] = psi, phi
     return out.sort_values(["orbit_id", "image_id"], kind="stable").reset_index(drop=True)
+
+
+def _crop_to_own_radius(patches: np.ndarray, sigma_px: np.ndarray) -> np.ndarray:
+    """NaN outside each intersection's own patch radius: the patches of a batch share the
+    widest PSF's size, and the sums must not depend on which images share the batch."""
+    radius = np.array([patch_radius_px(float(s)) for s in sigma_px])
+    half = patches.shape[-1] // 2
+    offset = np.abs(np.arange(-half, half + 1))
+    outside = (offset[None, :, None] > radius[:, None, None]) | (offset[None, None, :] > radius[:, None, None])
+    return np.where(outside, np.float32(np.nan), patches)
 
 
 def _empty_partials() -> pd.DataFrame:

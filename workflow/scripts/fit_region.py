@@ -19,7 +19,8 @@ log.info("region %d: %d sources, %d fixed neighbours, %d overlapping science ima
 images = [load_image(row) for _, row in rows.iterrows()]
 t0 = time.time()
 catalog = fit_region(sources, neighbours, images, tol=cfg["tol"], max_iter=cfg["max_iter"],
-                     patch_px=cfg["patch_px"], max_images=cfg["max_images"], region=region)
+                     patch_px=cfg["patch_px"], max_images=cfg["max_images"], region=region,
+                     progress=log.info)
 n_bad = int((~catalog["converged"].astype(bool)).sum())
 log.info("fitted %d sources in %.1f s (%.1f sources/s); %d not converged (flagged, kept)",
          len(catalog), time.time() - t0, len(catalog) / max(time.time() - t0, 1e-9), n_bad)

@@ -21,7 +21,7 @@ write_parquet(combined, snakemake.output.all_orbits)
 
 hits = combined[(combined["snr"] >= cfg["snr_threshold"]) & (combined["n_images"] >= cfg["min_images"])]
 match_px = 2.0 * float(images["psf_sigma_px"].median()) * 1.1774  # within the PSF FWHM
-merged = merge_duplicates(hits, candidates, match_px)
+merged = merge_duplicates(hits, candidates, match_px, snr_threshold=cfg["snr_threshold"])
 elements = orbits_for_ids(plan, listed, merged["orbit_id"].to_numpy())
 det = merged.merge(elements, on="orbit_id")
 names = listed.set_index("orbit_id")["name"] if "name" in listed else pd.Series(dtype=str)

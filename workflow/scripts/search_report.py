@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from skystack import logs
 from skystack.io import write_parquet
@@ -34,6 +35,11 @@ if snakemake.input.truth:
     recovered["detected"] = recovered["orbit_id"].isin(found.index)
     recovered["detection_orbit_id"] = recovered["orbit_id"].map(found).fillna(-1).astype("int64")
     n_false = int((det["truth_orbit_id"] < 0).sum())
+    # Pure noise: each orbit tried exceeds the threshold with the Gaussian tail probability
+    # (an upper bound on the expectation: neighbouring orbits are not independent).
+    expected_false = len(combined) * norm.sf(cfg["snr_threshold"])
+    log.info("false detections: %d; Gaussian-tail expectation for %d orbits tried: %.2g (+3 sd: %.2g)",
+             n_false, len(combined), expected_false, expected_false + 3 * np.sqrt(expected_false))
     log.info("recovered %d of %d injected objects; %d of %d with expected SNR >= 10; %d detections match no injected object",
              int(recovered["detected"].sum()), len(recovered),
              int(recovered.loc[recovered["expected_combined_snr"] >= 10, "detected"].sum()),

@@ -237,7 +237,7 @@ class _Scene:
 
 
 # ----------------------------------------------------------------------------- fitting
-def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size, vector_width):
+def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size, vector_width, progress=None):
     """Batched TR-Newton fits of all fitted sources as one type; fixed chunk shapes."""
     fun = _negative_elbo(layout, scene.size)
     S = len(scene.fit_rows)
@@ -261,6 +261,8 @@ def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size
         out_h.append(np.asarray(res.hess)[:n_real])
         out_it.append(np.asarray(res.iterations)[:n_real])
         out_conv.append(np.asarray(res.converged)[:n_real])
+        if progress is not None:
+            progress(start + n_real, S)
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,))  # noqa: E731
     return cat(out_x), cat(out_f), cat(out_h), cat(out_it), cat(out_conv)
 
@@ -315,7 +317,7 @@ def _mix(p, a, b):
 def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: list[ImageData],
                priors: dict | None = None, *, tol: float = 1e-5, max_iter: int = 50, n_passes: int = 3,
                patch_px: int = 15, batch_size: int = 64, vector_width: int | None = None,
-               max_images: int | None = None, region: int = -1) -> pd.DataFrame:
+               max_images: int | None = None, region: int = -1, progress=None) -> pd.DataFrame:
     """Catalog of the sources of one region.
 
     Parameters
@@ -336,6 +338,7 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
         batch on accelerators)
     max_images : use at most this many images per source (None: all)
     region : region id written to the output
+    progress : optional callable taking a message, called after each batch of sources
 
     Returns
     -------
@@ -362,12 +365,17 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
     if vector_width is None:
         vector_width = 1 if jax.default_backend() == "cpu" else batch_size
     iterations = np.zeros(n_fit, int)
-    for _ in range(passes):
+    for n_pass in range(1, passes + 1):
+        def report(kind):
+            if progress is None:
+                return None
+            return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model: {done}/{total} sources")
+
         bg = scene.background(xs, xg, p_star, renderer)
         rs = _fit_type(lay_s, scene, xs[fit], bg, prior_s, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                       vector_width=vector_width)
+                       vector_width=vector_width, progress=report("star"))
         rg = _fit_type(lay_g, scene, xg[fit], bg, prior_g, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                       vector_width=vector_width)
+                       vector_width=vector_width, progress=report("galaxy"))
         xs[fit], xg[fit] = rs[0], rg[0]
         iterations += np.maximum(rs[3], rg[3])
         for i in range(n_fit):
