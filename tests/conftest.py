@@ -17,11 +17,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 def run_snakemake(workdir, *args, configfile=None, cores=2, check=True, env=None, timeout=900):
     """Run the workflow in ``workdir`` (results, cache, logs and .snakemake all go there).
 
-    ``configfile``: one path or a list (later files override earlier ones, key by key).
+    ``configfile``: one path or a list (later files override earlier ones, key by key); it
+    goes last on the command line, since ``--configfile`` takes every word after it.
     """
     configs = configfile if isinstance(configfile, (list, tuple)) else [configfile or TINY]
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
-           "--profile", str(REPO / "profiles" / "default"), "--configfile", *map(str, configs), *map(str, args)]
+           "--profile", str(REPO / "profiles" / "default"), *map(str, args), "--configfile", *map(str, configs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

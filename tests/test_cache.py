@@ -77,3 +77,23 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         write_tile_cache(tmp_path / "p.tiles", images(), tile=8)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_copies_once_and_refreshes_when_stale(fits_images, tmp_path):
+    import os
+    from pathlib import Path
+
+    from skystack.tracking import stage_cache
+
+    arrays, cache = fits_images
+    src = tmp_path / "partition_0.tiles"
+    write_tile_cache(src, arrays.items(), tile=16)
+    staged = Path(stage_cache(src, tmp_path / "node"))
+    assert staged.read_bytes() == src.read_bytes() and staged.parent == tmp_path / "node"
+    np.testing.assert_array_equal(TileCache.open(staged).image(7), arrays[7])
+    first = staged.stat().st_mtime_ns
+    assert stage_cache(src, tmp_path / "node") == str(staged) and staged.stat().st_mtime_ns == first
+    os.utime(src, ns=(first + 10**9, first + 10**9))  # the cache was rebuilt: stage again
+    stage_cache(src, tmp_path / "node")
+    assert staged.stat().st_mtime_ns != first
+    assert stage_cache(src, None) == str(src)

@@ -21,8 +21,13 @@ def overlay(tmp_path, name, settings):
 @pytest.mark.parametrize("partitions, chunk_size, cores", [(1, 150, 1), (4, 60, 2)])
 def test_results_independent_of_partitions_chunks_and_cores(tiny_run, tmp_path, partitions, chunk_size, cores):
     """The reference run has 2 partitions, chunks of 100 orbits, 2 cores."""
-    config = overlay(tmp_path, "cut", {"partitions": partitions, "orbits": {"chunk_size": chunk_size}})
+    staging = tmp_path / "node_local"
+    config = overlay(tmp_path, "cut", {"partitions": partitions, "orbits": {"chunk_size": chunk_size},
+                                       "search": {"staging_dir": str(staging)}})
     run_snakemake(tmp_path, configfile=config, cores=cores)
+    # Each search job staged its partition's cache once to the node-local directory.
+    assert sorted(p.name for p in staging.iterdir()) == [f"tiny_partition_{p}.tiles" for p in range(partitions)]
+    assert "staged to" in (tmp_path / "logs" / "tiny" / "search_shard_0_0.log").read_text()
     ref, got = tiny_run / "results" / "tiny", tmp_path / "results" / "tiny"
     assert pd.read_parquet(got / "images.parquet")["partition"].nunique() == partitions
     for table in SEARCH_TABLES:

@@ -11,12 +11,15 @@ so that for a constant-flux object ``sum(psi) / sum(phi)`` is its flux in nmgy a
 """
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import numpy as np
 import pandas as pd
 
 from ._jax import jax, jnp
+
+log = logging.getLogger(__name__)
 
 NMGY_AB_MAG = 22.5
 SIGMA_G_PER_IQR = 0.7413  # sigma of a Gaussian = 0.7413 x its interquartile range
@@ -30,7 +33,7 @@ def counts_per_nmgy(magzp) -> np.ndarray:
 
 @jax.jit
 def _matched_filter(patches, dx_px, dy_px, psf_sigma_px, noise_sigma, adu_per_nmgy):
-    """psi, phi for a batch of patches (float32 pixel sums, float64 scaling)."""
+    """psi, phi for a batch of patches (float32 PSF model, float64 sums and scaling)."""
     k = patches.shape[-1]
     r = (k - 1) // 2
     off = jnp.arange(-r, r + 1, dtype=jnp.float32)
@@ -41,8 +44,11 @@ def _matched_filter(patches, dx_px, dy_px, psf_sigma_px, noise_sigma, adu_per_nm
     good = jnp.isfinite(patches)
     d = jnp.where(good, patches, 0.0)
     p = jnp.where(good, psf, 0.0)
-    s_dp = jnp.sum(d * p, axis=(1, 2)).astype(jnp.float64)
-    s_pp = jnp.sum(p * p, axis=(1, 2)).astype(jnp.float64)
+    # float64 sums: a float32 reduction's rounding depends on the patch size, which depends
+    # on the widest PSF in the batch, and results must not depend on how work is batched.
+    d, p = d.astype(jnp.float64), p.astype(jnp.float64)
+    s_dp = jnp.sum(d * p, axis=(1, 2))
+    s_pp = jnp.sum(p * p, axis=(1, 2))
     var = noise_sigma.astype(jnp.float64) ** 2
     c = adu_per_nmgy.astype(jnp.float64)
     return s_dp * c / var, s_pp * c * c / var
@@ -249,7 +255,7 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
 
     if orbits.empty or images.empty:
         return _empty_partials()
-    hits = intersect(orbits, images, max_batch_bytes=max_batch_bytes)
+    hits = _split_on_out_of_memory(lambda budget: intersect(orbits, images, max_batch_bytes=budget), max_batch_bytes)
     if hits.empty:
         return _empty_partials()
     meta = images.set_index("image_id").loc[hits["image_id"].to_numpy()]
@@ -260,11 +266,37 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
     # Difference images have zero background; science images carry their sky level.
     background = np.where(meta["is_difference"].to_numpy(), 0.0, meta["sky_level"].to_numpy()).astype(np.float32)
     patches = patches - background[:, None, None]
-    psi, phi = matched_filter(patches, hits["x"].to_numpy(), hits["y"].to_numpy(), sigma,
-                              meta["noise_sigma"].to_numpy(), counts_per_nmgy(meta["magzp"].to_numpy()))
+    filter_args = (patches, hits["x"].to_numpy(), hits["y"].to_numpy(), sigma,
+                   meta["noise_sigma"].to_numpy(), counts_per_nmgy(meta["magzp"].to_numpy()))
+    patch_bytes = patches[0].nbytes * 4  # the float64 products dominate
+    psi, phi = _split_on_out_of_memory(
+        lambda budget: matched_filter(*filter_args, batch=max(1, budget // patch_bytes)), max_batch_bytes)
     out = hits[["orbit_id", "image_id", "x", "y"]].copy()
     out["psi"], out["phi"] = psi, phi
     return out.sort_values(["orbit_id", "image_id"], kind="stable").reset_index(drop=True)
+
+
+#: Below this batch budget an out-of-memory error is not retried (something else is wrong).
+MIN_BATCH_BYTES = 1 << 20
+
+
+def _is_out_of_memory(err: Exception) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _split_on_out_of_memory(run, max_batch_bytes: int):
+    """``run(budget)``, retried with half the batch budget each time the device runs out of
+    memory; the results do not depend on the batch size, so a retry changes nothing else."""
+    budget = int(max_batch_bytes)
+    while True:
+        try:
+            return run(budget)
+        except jax.errors.JaxRuntimeError as err:
+            if not _is_out_of_memory(err) or budget // 2 < MIN_BATCH_BYTES:
+                raise
+            log.warning("device out of memory with a %.1f MiB batch: split in two and retried", budget / 2**20)
+            budget //= 2
 
 
 def _crop_to_own_radius(patches: np.ndarray, sigma_px: np.ndarray) -> np.ndarray:
@@ -294,7 +326,7 @@ def stage_cache(path, staging_dir) -> str:
     src = Path(path)
     dst = staging / f"{src.parent.name}_{src.name}"
     if not dst.exists() or dst.stat().st_size != src.stat().st_size or dst.stat().st_mtime < src.stat().st_mtime:
-        tmp = dst.with_name(dst.name + ".part")
+        tmp = dst.with_name(f"{dst.name}.{os.getpid()}.part")  # jobs on one node may stage at once
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     return str(dst)

@@ -2,13 +2,15 @@ import pandas as pd
 
 from skystack import logs
 from skystack.catalog import detect_sources
-from skystack.catalog.stage import load_image, read_candidates, science_images
+from skystack.catalog.stage import candidates_on_images, load_image, read_candidates, science_images
 from skystack.io import write_parquet
 
 log = logs.setup(snakemake.log[0], "detect_sources")
 cfg = snakemake.params.catalog
 if cfg["source"] == "file":
     candidates = read_candidates(snakemake.input.candidates)
+    candidates = candidates_on_images(candidates, pd.read_parquet(snakemake.input.images),
+                                      snakemake.input.candidates, warn=log.warning)
     log.info("%d candidates from %s", len(candidates), snakemake.input.candidates)
 else:
     rows = science_images(pd.read_parquet(snakemake.input.images))

@@ -16,7 +16,10 @@ plan = json.loads(open(snakemake.input.plan).read())
 listed = pd.read_parquet(snakemake.input.listed)
 images = pd.read_parquet(snakemake.input.images)
 images = images[(images["partition"] == partition) & (images["is_difference"] == (cfg["images"] == "difference"))]
-cache = TileCache.open(stage_cache(snakemake.input.cache, cfg["staging_dir"]))
+cache_path = stage_cache(snakemake.input.cache, cfg["staging_dir"])
+if cache_path != snakemake.input.cache:
+    log.info("tile cache staged to %s (once for all chunks of this job)", cache_path)
+cache = TileCache.open(cache_path)
 ids = chunk_range_ids(plan, chunk_range)
 log.info("chunk range %d (orbits %d..%d) x partition %d (%d images)", chunk_range, ids[:1].sum(), ids[-1:].sum(), partition, len(images))
 parts, size = [], plan["chunk_size"]

@@ -75,6 +75,37 @@ def read_candidates(path) -> pd.DataFrame:
     return df.sort_values(["dec", "ra"], kind="stable").reset_index(drop=True)
 
 
+def on_some_image(candidates: pd.DataFrame, index: pd.DataFrame) -> np.ndarray:
+    """True for candidates inside the footprint of at least one image."""
+    from astropy.wcs import WCS
+
+    from ..wcs import astropy_world2pix_near
+
+    inside = np.zeros(len(candidates), bool)
+    ra, dec = candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float)
+    for _, row in index.iterrows():
+        w = WCS(fits.Header.fromstring(row["wcs_header"]))
+        x, y = astropy_world2pix_near(w, ra, dec, (int(row["naxis2"]), int(row["naxis1"])))
+        inside |= (x >= -0.5) & (x < row["naxis1"] - 0.5) & (y >= -0.5) & (y < row["naxis2"] - 0.5)
+    return inside
+
+
+def candidates_on_images(candidates: pd.DataFrame, index: pd.DataFrame, source: str, warn=None) -> pd.DataFrame:
+    """The candidates that some science image covers; the others are left out, and said so.
+
+    A list with no candidate on any image is an error that names ``source``.
+    """
+    inside = on_some_image(candidates, science_images(index))
+    if len(candidates) and not inside.any():
+        raise ValueError(f"{source}: none of the {len(candidates)} candidates lies on any science image "
+                         "(check that the list and the survey cover the same sky)")
+    if warn is not None and (~inside).any():
+        rows = np.flatnonzero(~inside)
+        warn(f"{source}: {len(rows)} of {len(candidates)} candidates lie outside every science image and are "
+             f"left out (rows {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''})")
+    return candidates[inside].reset_index(drop=True)
+
+
 def plan_regions(candidates: pd.DataFrame, max_sources_per_region: int, n_regions: int | None = None):
     """Candidates with a ``region`` column (balanced by count) and the plan as a dict."""
     regions = make_regions(candidates, n_regions=n_regions, max_sources_per_region=max_sources_per_region)
