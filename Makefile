@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG)
+	@$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG) --quiet all \
+	  --report $$($(VENV)/bin/python -m skystack.summary --configfile $(CONFIG) --report-path)
 	@$(VENV)/bin/python -m skystack.summary --configfile $(CONFIG)
 
 test: $(STAMP)

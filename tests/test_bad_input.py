@@ -73,6 +73,10 @@ def test_not_fits_truncated_and_empty(tmp_path):
         index_images([str(tmp_path / "trunc.fits")], site=SITE)
     with pytest.raises(BadImageError, match=r"empty.fits: no 2-D image HDU"):
         index_images([str(tmp_path / "empty.fits")], site=SITE)
+    # NAXIS = 1: a spectrum-like HDU is not an image; NAXIS absent (header only): no data at all.
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros(10, np.float32), header=header())]).writeto(tmp_path / "one_d.fits")
+    with pytest.raises(BadImageError, match=r"one_d.fits: no 2-D image HDU"):
+        index_images([str(tmp_path / "one_d.fits")], site=SITE)
 
 
 def test_damaged_compressed_tile(tmp_path):

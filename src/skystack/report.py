@@ -105,3 +105,20 @@ def catalog_figure(catalog: pd.DataFrame, path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{len(catalog)} sources, {100 * conv:.0f}% converged", fontsize=10)
     _save(fig, path)
+
+
+def deconvolution_figure(stamps: np.ndarray, psfs: np.ndarray, deconvolved: np.ndarray, diag: pd.DataFrame,
+                         path, n_show: int = 4) -> None:
+    """Observed stamp, PSF and deconvolved stamp for the first few galaxies."""
+    n = min(n_show, len(stamps))
+    fig, axes = plt.subplots(max(n, 1), 3, figsize=(7, 2.3 * max(n, 1)), squeeze=False)
+    for i in range(n):
+        for ax, img, title in zip(axes[i], (stamps[i], psfs[i], deconvolved[i]), ("observed", "PSF", "deconvolved")):
+            lo, hi = np.nanpercentile(img, [1, 99.5])
+            ax.imshow(img, origin="lower", cmap="gray_r", vmin=lo, vmax=hi)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(title if i == 0 else "", fontsize=9)
+        axes[i, 0].set_ylabel(f"stamp {i}, {int(diag['iterations'].iloc[i])} it", fontsize=8)
+    if n == 0:
+        axes[0, 1].text(0.5, 0.5, "no stamps", ha="center", va="center")
+    _save(fig, path)

@@ -49,15 +49,28 @@ def summarize(config: dict, root: Path = Path(".")) -> list[str]:
     figures = sorted((results / "report").glob("*.png")) + sorted((results / "detections").glob("*.png"))
     if figures:
         lines.append(f"  figures: {_rel(results / 'report')}/ and {_rel(results / 'detections')}/ ({len(figures)} PNG)")
+    report = root / report_path(config)
+    if report.exists():
+        lines.append(f"  report: {_rel(report)} (open in a browser)")
     lines.append("  logs: " + _rel(root / "logs" / config["experiment"]) + "/")
     return lines
+
+
+def report_path(config: dict) -> str:
+    """Where ``make run`` writes the Snakemake report (figures with captions, one HTML file)."""
+    return str(Path(config["results_dir"]) / config["experiment"] / "report.html")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--configfile", nargs="+", default=["config/config.yaml"])
+    parser.add_argument("--report-path", action="store_true", help="print only where the HTML report goes")
     args = parser.parse_args(argv)
-    print("\n".join(summarize(load_config(*args.configfile))))
+    config = load_config(*args.configfile)
+    if args.report_path:
+        print(report_path(config))
+        return 0
+    print("\n".join(summarize(config)))
     return 0
 
 

@@ -1,30 +1,6 @@
 # Per-region Bayesian catalogs: detect -> plan_regions (checkpoint) -> fit_region per region -> merge.
 
 
-def catalog_targets():
-    if not config["catalog"]["enabled"]:
-        return []
-    return [result("catalog.parquet"), result("catalog.fits"), result("catalog", "star_mask.parquet")]
-
-
-def candidate_inputs(wildcards):
-    inputs = {"images": result("images.parquet")}
-    if config["catalog"]["source"] == "file":
-        if not config["catalog"]["path"]:
-            raise ValueError("catalog.path: required when catalog.source is 'file'")
-        inputs["candidates"] = config["catalog"]["path"]
-    return inputs
-
-
-def region_catalogs(wildcards):
-    """Every region's fitted table (the number of regions is known after plan_regions)."""
-    import json
-
-    with open(checkpoints.plan_regions.get().output.plan) as fh:
-        n_regions = json.load(fh)["n_regions"]
-    return [result("catalog", "regions", f"region_{r}.parquet") for r in range(n_regions)]
-
-
 rule detect_sources:
     input:
         unpack(candidate_inputs),

@@ -12,6 +12,9 @@ CACHE = Path(config["cache_dir"]) / EXPERIMENT
 PARTITIONS = list(range(config["partitions"]))
 CONDA_ENV = "../../envs/cpu.yaml"  # relative to the rule files; envs/cuda.yaml on GPU nodes
 KNOWN_OBJECTS = str(Path(workflow.basedir) / "resources" / "known_objects.csv")
+DECONV = config["deconvolve"]
+# Low-rank deconvolution couples all stamps: one shard.
+DECONV_SHARDS = list(range(1 if DECONV["mode"] == "lowrank" else DECONV["shards"]))
 
 
 def result(*parts):
@@ -41,7 +44,7 @@ def survey_inputs():
 
 
 def all_targets():
-    """Every stage's final outputs; catalog_targets and deconvolve_targets live in their rule files."""
+    """Every stage's final outputs."""
     targets = [result("images.parquet"), result("detections.parquet"), result("report", "snr_histogram.png")]
     targets += [cache_file(p) for p in PARTITIONS]
     return targets + catalog_targets() + deconvolve_targets()
@@ -85,3 +88,55 @@ def truth_input():
 
 def combined_candidates(wildcards):
     return [p.replace(".parquet", "_candidates.parquet") for p in combined_chunks(wildcards)]
+
+
+# ----------------------------------------------------------------------------- catalog
+def catalog_targets():
+    if not config["catalog"]["enabled"]:
+        return []
+    return [result("catalog.parquet"), result("catalog.fits"), result("catalog", "star_mask.parquet")]
+
+
+def candidate_inputs(wildcards):
+    inputs = {"images": result("images.parquet")}
+    if config["catalog"]["source"] == "file":
+        if not config["catalog"]["path"]:
+            raise ValueError("catalog.path: required when catalog.source is 'file'")
+        inputs["candidates"] = config["catalog"]["path"]
+    return inputs
+
+
+def region_catalogs(wildcards):
+    """Every region's fitted table (the number of regions is known after plan_regions)."""
+    import json
+
+    with open(checkpoints.plan_regions.get().output.plan) as fh:
+        n_regions = json.load(fh)["n_regions"]
+    return [result("catalog", "regions", f"region_{r}.parquet") for r in range(n_regions)]
+
+
+# ----------------------------------------------------------------------------- deconvolution
+def deconvolve_targets():
+    if not DECONV["enabled"]:
+        return []
+    return [result("deconvolved", "deconvolved.fits"), result("deconvolved", "diagnostics.parquet")]
+
+
+def repo_path(path):
+    """A config path, relative ones taken from the repository (the Snakefile's directory)."""
+    return str(Path(workflow.basedir) / path) if not os.path.isabs(path) else path
+
+
+def stamp_sources(wildcards):
+    source = DECONV["source"]
+    if source == "stacks":
+        if not (DECONV["stamps_path"] and DECONV["psfs_path"]):
+            raise ValueError("deconvolve.stamps_path and deconvolve.psfs_path: required when deconvolve.source is 'stacks'")
+        return {"stamps": repo_path(DECONV["stamps_path"]), "psfs": repo_path(DECONV["psfs_path"])}
+    if source == "catalog":
+        if not config["catalog"]["enabled"]:
+            raise ValueError("deconvolve.source 'catalog' needs catalog.enabled: true")
+        return {"galaxies": result("catalog.parquet"), "images": result("images.parquet")}
+    if config["survey"]["source"] != "simulate":
+        raise ValueError("deconvolve.source 'truth' needs survey.source: simulate")
+    return {"galaxies": result("survey", "sources.parquet"), "images": result("images.parquet")}

@@ -1,5 +1,62 @@
 # Space-variant PSF deconvolution of galaxy stamps: extract -> deconvolve_shard per shard -> merge.
 
 
-def deconvolve_targets():
-    return []
+rule extract_stamps:
+    input:
+        unpack(stamp_sources),
+    output:
+        stamps=result("deconvolve", "stamps.npy"),
+        psfs=result("deconvolve", "psfs.npy"),
+        meta=result("deconvolve", "stamps.parquet"),
+    params:
+        deconvolve=DECONV,
+    conda:
+        CONDA_ENV
+    log:
+        log_path("extract_stamps"),
+    benchmark:
+        bench_path("extract_stamps")
+    script:
+        "../scripts/extract_stamps.py"
+
+
+rule deconvolve_shard:
+    input:
+        stamps=result("deconvolve", "stamps.npy"),
+        psfs=result("deconvolve", "psfs.npy"),
+        meta=result("deconvolve", "stamps.parquet"),
+    output:
+        deconvolved=result("deconvolve", "shards", "shard_{shard}.npy"),
+        diagnostics=result("deconvolve", "shards", "shard_{shard}.parquet"),
+    params:
+        deconvolve=DECONV,
+        n_shards=len(DECONV_SHARDS),
+    conda:
+        CONDA_ENV
+    log:
+        log_path("deconvolve_shard", "_{shard}"),
+    benchmark:
+        bench_path("deconvolve_shard", "_{shard}")
+    script:
+        "../scripts/deconvolve_shard.py"
+
+
+rule merge_deconvolved:
+    input:
+        stamps=result("deconvolve", "stamps.npy"),
+        psfs=result("deconvolve", "psfs.npy"),
+        meta=result("deconvolve", "stamps.parquet"),
+        deconvolved=expand(result("deconvolve", "shards", "shard_{shard}.npy"), shard=DECONV_SHARDS),
+        diagnostics=expand(result("deconvolve", "shards", "shard_{shard}.parquet"), shard=DECONV_SHARDS),
+    output:
+        cube=result("deconvolved", "deconvolved.fits"),
+        diagnostics=result("deconvolved", "diagnostics.parquet"),
+        figure=report(result("deconvolved", "examples.png"), caption="../report/deconvolve.rst", category="Deconvolution"),
+    conda:
+        CONDA_ENV
+    log:
+        log_path("merge_deconvolved"),
+    benchmark:
+        bench_path("merge_deconvolved")
+    script:
+        "../scripts/merge_deconvolved.py"
