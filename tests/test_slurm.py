@@ -82,11 +82,13 @@ def test_tiny_workflow_on_slurm_matches_local(slurm_cluster, tmp_path, tiny_run)
     assert _result_files(slurm_dir) == files
     tables = [f for f in files if f.endswith(".parquet")]
     assert len(tables) > 20
+    # Bit-identical except the catalog's posterior sds, which may differ in the last bit
+    # (2.7e-16 seen) through the threading of the linear algebra behind them.
     for name in tables:
-        assert_same_table(tiny_run / name, slurm_dir / name)
+        assert_same_table(tiny_run / name, slurm_dir / name, rtol=1e-12 if "catalog" in name else 0.0)
     for name in [f for f in files if f.endswith(".fits.fz")][:6]:
         with fits.open(tiny_run / name) as a, fits.open(slurm_dir / name) as b:
-            assert np.array_equal(a[1].data, b[1].data), name
+            assert np.array_equal(a[1].data, b[1].data, equal_nan=True), name
     # Every job wrote its rule log; Slurm's own per-job logs went to logs/slurm/, one folder per rule.
     for name in ("simulate_survey", "index_survey", "fit_region_0", "search_shard_0_1", "merge_detections"):
         assert "started" in (slurm_dir / "logs" / "tiny" / f"{name}.log").read_text(), name

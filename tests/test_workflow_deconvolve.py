@@ -16,6 +16,7 @@ TARGET = "results/euclid_stamps/deconvolved/deconvolved.fits"
 
 
 def _run(tmp_path, shards):
+    tmp_path.mkdir()
     overlay = tmp_path / "shards.yaml"
     overlay.write_text(yaml.safe_dump({"deconvolve": {"shards": shards, "max_stamps": N, "max_iter": 150}}))
     run_snakemake(tmp_path, TARGET, configfile=[REPO / "config" / "experiments" / "euclid_stamps.yaml", overlay])
