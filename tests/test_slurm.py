@@ -95,4 +95,4 @@ def test_tiny_workflow_on_slurm_matches_local(slurm_cluster, tmp_path, tiny_run)
     rules = {p.relative_to(slurm_dir / "logs" / "slurm").parts[0] for p in (slurm_dir / "logs" / "slurm").rglob("*.log")}
     assert {"rule_simulate_survey", "rule_fit_region", "rule_merge_detections"} <= rules
     # The search shards of a chunk range went as one grouped job, not one Slurm job each.
-    assert "group_search" in rules and "rule_search_shard" not in rules
+    assert any(r.startswith("group_search") for r in rules) and "rule_search_shard" not in rules
