@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+def _shared_data() -> Path:
+    """The shared real test data: $SKYSTACK_SHARED_DATA, else ../shared/data beside the clone."""
+    for candidate in (os.environ.get("SKYSTACK_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return REPO.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TINY = REPO / "config" / "experiments" / "tiny.yaml"
 

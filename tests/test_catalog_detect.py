@@ -3,6 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import SHARED_DATA
 from astropy.io import fits
 from scipy.spatial import cKDTree
 
@@ -10,7 +12,7 @@ from skystack.catalog import ImageData, detect_sources, extract_image, heuristic
 from skystack.catalog.score import match_catalog
 from skystack.catalog.testing import simulate_field
 
-SEP_DIR = Path("/work/shared/data/sep-image")
+SEP_DIR = SHARED_DATA / "sep-image"
 
 
 @pytest.mark.skipif(not (SEP_DIR / "image.fits").exists(), reason="sep test image not available")

@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 import pytest
+
+from conftest import SHARED_DATA
 from scipy.ndimage import convolve1d
 from scipy.signal import fftconvolve
 
@@ -11,7 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from skystack import deconvolve as dc  # noqa: E402
 from skystack._jax import jnp  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "deconv")
+DATA = str(SHARED_DATA / "deconv")
 STAMPS_NPY = os.path.join(DATA, "example_image_stack.npy")
 PSFS_NPY = os.path.join(DATA, "example_psfs.npy")
 needs_data = pytest.mark.skipif(not os.path.exists(STAMPS_NPY), reason="example deconvolution data absent")

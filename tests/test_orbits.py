@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import SHARED_DATA
+
 from skystack import orbits as O
 from skystack.search import sky_positions
 
 pytestmark = pytest.mark.filterwarnings("ignore:The file finals2000A.all has expired")
-KNOWN = Path(__file__).resolve().parents[2] / "shared" / "data" / "orbits" / "known_objects.csv"
+KNOWN = SHARED_DATA / "orbits" / "known_objects.csv"
 
 
 def table(**overrides):

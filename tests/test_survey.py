@@ -4,6 +4,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import SHARED_DATA
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
@@ -11,7 +13,7 @@ from astropy.wcs import WCS
 from skystack.io import IMAGES
 from skystack.survey import BadImageError, assign_partitions, index_images, psf_sigma_from_image, read_pixels
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 PALOMAR = {"lat_deg": 33.3563, "lon_deg": -116.8650, "height_m": 1712.0}
 
 
