@@ -47,6 +47,11 @@ DEFAULT_DUAL_STEP = 0.5
 #: Safety factor on the power-iteration estimate of ||Phi||^2 (it approaches from below).
 _NORM_MARGIN = 1.02
 
+#: Smallest jitted batch. XLA fuses the starlet and the per-stamp sums differently when the
+#: stamp axis has one or two rows, which changes the last bits; padding every batch to at
+#: least this many rows keeps each stamp's result independent of how the stack is split.
+MIN_BATCH = 8
+
 _DIAG_COLUMNS = ["stamp", "iterations", "cost", "converged", "noise_sigma", "primal_step", "dual_step"]
 
 
@@ -439,6 +444,7 @@ def deconvolve_stack(
     x0=None,
     batch_size: int = 256,
     dtype: str = "float32",
+    progress=None,
 ):
     """Deconvolve a stack of stamps, each by its own PSF.
 
@@ -474,8 +480,10 @@ def deconvolve_stack(
     x0 : array_like (n, ny, nx), optional
         Starting point; default the positive part of the stamps.
     batch_size : int
-        Stamps per jitted batch (sparse mode).
+        Stamps per jitted batch (sparse mode); short stacks are padded to ``MIN_BATCH``.
     dtype : {"float32", "float64"}
+    progress : callable, optional
+        Called as ``progress(n_done, n)`` after each batch (sparse mode) or the solve.
 
     Returns
     -------
@@ -522,6 +530,8 @@ def deconvolve_stack(
             "stamp": np.arange(n), "iterations": int(k), "cost": np.asarray(data_term, np.float64) + nuc_share,
             "converged": bool(done), "noise_sigma": sigma_noise, "primal_step": tau_s, "dual_step": dual_step,
         })
+        if progress is not None:
+            progress(n, n)
         return np.asarray(x), diag[_DIAG_COLUMNS]
 
     band_w = band_weights(psfs, sigma_noise, n_scales=n_scales, kappa=kappa)
@@ -529,9 +539,10 @@ def deconvolve_stack(
     iters = np.empty(n, np.int64)
     costs = np.empty(n, np.float64)
     conv = np.empty(n, bool)
-    size = min(batch_size, n)
-    for lo in range(0, n, size):
-        hi = min(lo + size, n)
+    step = min(batch_size, n)
+    size = max(step, MIN_BATCH)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
         take = lambda a: _pad_rows(a[lo:hi], size)  # noqa: E731
         x, k, cost, done = _solve_sparse_batch(
             jnp.asarray(take(stamps), dtype), jnp.asarray(take(start), dtype), jnp.asarray(take(np.asarray(spec))),
@@ -542,6 +553,8 @@ def deconvolve_stack(
         iters[lo:hi] = np.asarray(k)[:m]
         costs[lo:hi] = np.asarray(cost)[:m]
         conv[lo:hi] = np.asarray(done)[:m]
+        if progress is not None:
+            progress(hi, n)
     diag = pd.DataFrame({"stamp": np.arange(n), "iterations": iters, "cost": costs, "converged": conv,
                          "noise_sigma": sigma_noise, "primal_step": tau, "dual_step": sigma_dual})
     return out_x, diag[_DIAG_COLUMNS]

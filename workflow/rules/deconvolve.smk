@@ -1,4 +1,8 @@
 # Space-variant PSF deconvolution of galaxy stamps: extract -> deconvolve_shard per shard -> merge.
+# Shards are contiguous stamp ranges solved independently (sparse mode), so the merged cube is
+# the same for any deconvolve.shards; low-rank mode couples the stamps and runs as one shard.
+# Stage switch, shard list and input choice: deconvolve_targets, DECONV_SHARDS, stamp_sources
+# (common.smk).
 
 
 rule extract_stamps:
@@ -52,6 +56,8 @@ rule merge_deconvolved:
         cube=result("deconvolved", "deconvolved.fits"),
         diagnostics=result("deconvolved", "diagnostics.parquet"),
         figure=report(result("deconvolved", "examples.png"), caption="../report/deconvolve.rst", category="Deconvolution"),
+    params:
+        deconvolve=DECONV,
     conda:
         CONDA_ENV
     log:
