@@ -17,8 +17,8 @@ else:
              cfg["source"], cfg["max_stamps"], cfg["stamp_px"], cfg["band"])
     stamps, psfs, meta = cut_stamps(galaxies, index, cfg["band"], cfg["stamp_px"], cfg["max_stamps"],
                                     progress=log.info)
-    log.info("%d clean stamps from %d images; PSF: each image's PSF extension (its centre)", len(stamps),
-             meta["image_id"].nunique())
+    log.info("%d clean stamps from %d images; PSF: the image's at its centre (PSF extension, else Gaussian)",
+             len(stamps), meta["image_id"].nunique())
 write_stack(stamps, snakemake.output.stamps)
 write_stack(psfs, snakemake.output.psfs)
 write_parquet(meta, snakemake.output.meta)
