@@ -162,8 +162,8 @@ def test_bounds_and_batch_invariance(scene):
     sub_o = scene["orbits"].iloc[:300]
     sub_i = images.iloc[:300]
     big = intersect(sub_o, sub_i)
-    # Tiny batches and a tiny candidate buffer (forcing regrowth) give the same table.
-    small = intersect(sub_o, sub_i, max_batch_bytes=256 * 4 * 96, initial_cap=2)
+    # Tiny batches (many cull and exact chunks, padded) give the same table.
+    small = intersect(sub_o, sub_i, max_batch_bytes=256 * 4 * 96)
     pd.testing.assert_frame_equal(big, small)
     # Prepared once, reused: same answer.
     pd.testing.assert_frame_equal(big, intersect(sub_o, prepare_images(sub_i)))
@@ -185,10 +185,12 @@ def test_sky_positions_geocentric_matches_skyfield(scene):
 
 
 def test_batch_shape_respects_budget():
-    for n_o, n_e, k, budget in [(10_000, 500, 64, 256 << 20), (3, 2, 4, 1 << 30), (1000, 1000, 64, 1)]:
-        b_o, b_e = batch_shape(n_o, n_e, k, budget)
+    for n_o, n_e, budget in [(10_000, 500, 256 << 20), (3, 2, 1 << 30), (1000, 1000, 1), (20_000, 313, 64 << 20)]:
+        b_o, b_e = batch_shape(n_o, n_e, budget, bytes_per_pair=128)
         assert b_o >= 1 and b_e >= 1
-        assert b_o * b_e * k * 96 <= max(budget, k * 96)
+        assert b_o * b_e * 128 <= max(budget, 128)
+    # Every exposure in one batch when the budget allows: track nodes are propagated once.
+    assert batch_shape(20_000, 313, 256 << 20, bytes_per_pair=128)[1] >= 313
 
 
 def test_images_of_an_exposure_must_share_time(scene):

@@ -213,6 +213,17 @@ def stack_wcs(headers: Sequence, sources: Sequence[str] | None = None, max_sip_o
     return WcsParams(*(np.stack(field) for field in zip(*parts)))
 
 
+def trim_sip(params: WcsParams) -> WcsParams:
+    """The same WCSs with SIP arrays cut to the highest order any of them uses (work in the
+    SIP polynomials grows with the square of the padded order)."""
+    used = (np.asarray(params.sip_a) != 0) | (np.asarray(params.sip_b) != 0)
+    size = used.shape[-1]
+    orders = np.add.outer(np.arange(size), np.arange(size))
+    order = int(orders[used.reshape(-1, size, size).any(axis=0)].max(initial=0))
+    return params._replace(sip_a=params.sip_a[..., : order + 1, : order + 1],
+                           sip_b=params.sip_b[..., : order + 1, : order + 1])
+
+
 def take(params: WcsParams, index) -> WcsParams:
     """The WCSs at ``index`` of a batched ``WcsParams`` (numpy or JAX arrays)."""
     return WcsParams(*(f[index] for f in params))
@@ -268,15 +279,28 @@ def sip_distort(params: WcsParams, u_px, v_px):
 
 
 def _sip_and_jacobian(params: WcsParams, u, v):
+    """SIP terms f, g and their derivatives, as written-out sums over the coefficients with
+    p + q <= order (elementwise work that fuses, rather than many tiny matrix products)."""
     order = params.sip_a.shape[-1] - 1
-    k = jnp.arange(order + 1, dtype=u.dtype)
-    up, vp = _powers(u, order), _powers(v, order)
-    # d(u^p)/du = p u^(p-1): shift the powers by one and weight them.
-    dup = jnp.concatenate([jnp.zeros_like(up[..., :1]), up[..., :-1]], axis=-1) * k
-    dvp = jnp.concatenate([jnp.zeros_like(vp[..., :1]), vp[..., :-1]], axis=-1) * k
     a, b = params.sip_a, params.sip_b
-    ev = lambda x, m, y: jnp.einsum("...p,pq,...q->...", x, m, y)  # noqa: E731
-    return (ev(up, a, vp), ev(up, b, vp), ev(dup, a, vp), ev(up, a, dvp), ev(dup, b, vp), ev(up, b, dvp))
+    up = [jnp.ones_like(u)] + [None] * order
+    vp = [jnp.ones_like(v)] + [None] * order
+    for k in range(1, order + 1):
+        up[k], vp[k] = up[k - 1] * u, vp[k - 1] * v
+    zero = jnp.zeros_like(u)
+    f = g = fu = fv = gu = gv = zero
+    for p in range(order + 1):
+        for q in range(order + 1 - p):
+            ca, cb = a[..., p, q], b[..., p, q]
+            term = up[p] * vp[q]
+            f, g = f + ca * term, g + cb * term
+            if p:
+                du = p * up[p - 1] * vp[q]
+                fu, gu = fu + ca * du, gu + cb * du
+            if q:
+                dv = q * up[p] * vp[q - 1]
+                fv, gv = fv + ca * dv, gv + cb * dv
+    return f, g, fu, fv, gu, gv
 
 
 def sip_undistort(params: WcsParams, big_u_px, big_v_px, n_iter: int = NEWTON_ITERATIONS):
@@ -397,7 +421,7 @@ def max_distortion_px(params: WcsParams, naxis1, naxis2) -> np.ndarray:
 
 
 __all__ = [
-    "MAX_SIP_ORDER", "WcsParams", "header_cards", "parse_header", "stack_wcs", "take", "pixel_matrix", "sip_distort", "sip_undistort",
+    "MAX_SIP_ORDER", "WcsParams", "header_cards", "parse_header", "stack_wcs", "take", "trim_sip", "pixel_matrix", "sip_distort", "sip_undistort",
     "unit_vector", "world2pix", "direction2pix", "pix2world", "world2pix_batched", "pix2world_batched",
     "max_distortion_px",
 ]
