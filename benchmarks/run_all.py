@@ -19,7 +19,8 @@ OUT = Path(__file__).resolve().parent / "results"
 #: benchmark -> (arguments for a full run, for a quick run)
 RUNS = {
     "tile_cache": ([], ["--images", "4", "--patches", "50000"]),
-    "intersections": ([], ["--exposures", "40", "--orbits", "4000", "--repeat", "1"]),
+    "intersections": ([], ["--exposures", "40", "--orbits", "4000", "--repeat", "1", "--reference-orbits", "4"]),
+    "end_to_end": ([], ["--config", "config/experiments/tiny.yaml", "--workdir", "benchmarks/out/end_to_end_tiny"]),
     "deconvolve": ([], ["--quick"]),
     "catalog_speed": ([], ["--n-sources", "64"]),
     "catalog_accuracy": ([], ["--n-sources", "120"]),

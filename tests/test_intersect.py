@@ -4,7 +4,6 @@ The reference is skyfield (its own DE421 reader, Earth rotation, Kepler propagat
 light-time iteration) for the topocentric astrometric direction, then astropy's
 ``all_world2pix`` for the pixel position. Nothing of skystack is used to build it.
 """
-import os
 import time
 
 import numpy as np
@@ -12,54 +11,20 @@ import pandas as pd
 import pytest
 from astropy.wcs import WCS, Sip
 
+from skystack import reference
 from skystack.search import batch_shape, intersect, prepare_images, sky_positions
 
 pytestmark = pytest.mark.filterwarnings("ignore:The file finals2000A.all has expired")
 skyfield_api = pytest.importorskip("skyfield.api")
 
-GM_SUN_AU3_D2 = 0.01720209895**2  # the Gaussian constant, as in skystack.orbits
 PALOMAR = dict(lat_deg=33.3563, lon_deg=-116.8650, height_m=1712.0)
 N_EXPOSURES, IMAGES_PER_EXPOSURE = 250, 4  # one orbit per image: 1000 orbits
 NAXIS = (3072, 3080)
 SCALE_DEG = 1.01 / 3600.0
 
 
-def _skyfield_orbit(row, ts):
-    from skyfield.constants import AU_KM, DAY_S
-    from skyfield.data.spice import inertial_frames
-    from skyfield.keplerlib import _KeplerOrbit
-
-    a, e = row.a_au, row.e
-    orbit = _KeplerOrbit._from_mean_anomaly(a * (1 - e * e), e, row.inc_deg, row.node_deg, row.argperi_deg,
-                                            row.mean_anomaly_deg, ts.tdb_jd(row.epoch_jd_tdb),
-                                            GM_SUN_AU3_D2 * AU_KM**3 / DAY_S**2, 10, str(row.orbit_id))
-    orbit._rotation = inertial_frames["ECLIPJ2000"].T  # elements are J2000 ecliptic
-    return orbit
-
-
 def skyfield_radec(orbits: pd.DataFrame, jd_tdb, site=PALOMAR):
-    """Astrometric ICRS RA, Dec (deg) of each orbit at its own time, seen from ``site``."""
-    from skyfield.api import load, load_file, wgs84
-    from skyfield_data import get_skyfield_data_path
-
-    from skyfield.data import iers
-
-    planets = load_file(os.path.join(get_skyfield_data_path(), "de421.bsp"))
-    ts = load.timescale(builtin=True)
-    # Polar motion from the shipped IERS file, as astropy applies it (~10 m otherwise).
-    with open(os.path.join(get_skyfield_data_path(), "finals2000A.all"), "rb") as f:
-        iers.install_polar_motion_table(ts, iers.parse_x_y_dut1_from_finals_all(f))
-    earth, sun = planets["earth"], planets["sun"]
-    observer = earth + wgs84.latlon(site["lat_deg"], site["lon_deg"], elevation_m=site["height_m"]) if site else earth
-    ra, dec = [], []
-    at = {}  # the observer once per distinct time (images of an exposure share it)
-    for row, jd in zip(orbits.itertuples(), jd_tdb):
-        if jd not in at:
-            at[jd] = observer.at(ts.tdb_jd(jd))
-        r, d, _ = at[jd].observe(sun + _skyfield_orbit(row, ts)).radec()
-        ra.append(r._degrees)
-        dec.append(d.degrees)
-    return np.array(ra), np.array(dec)
+    return reference.skyfield_radec(orbits, jd_tdb, site)
 
 
 def _wcs(rng, ra_deg, dec_deg, sip: bool) -> WCS:

@@ -55,7 +55,7 @@ BYTES_PER_PAIR = 96  # device memory per (image, candidate) entry of an exact ba
 CULL_BYTES_PER_PAIR = 128  # device memory per (exposure, orbit) pair of a cull batch (estimate)
 MIN_ORBITS_PER_BATCH = 256
 NODE_SPACING_DAY = 120.0  # track nodes; a body with q = 20 AU strays < 15 arcsec from its node line in 60 days
-SUN_BARYCENTRIC_SPEED_MAX_AU_PER_DAY = 2e-5  # the Sun's barycentric speed stays below 1.2e-5
+SUN_BARYCENTRIC_SPEED_MAX_AU_PER_DAY = 2e-5  # DE421 1900-2050: at most 9.3e-6 AU/day
 CULL_SAFETY = 1.01  # relative slack on the cull's error bound (rounding; the < 1e-11 AU light-time step)
 CULL_SLACK = 1e-9  # absolute slack on the sine of the cull's angle bound
 SLOT_GRID_CELLS = 16  # per side of each exposure's slot lookup grid
@@ -184,33 +184,45 @@ def _node_states(orb: OrbitArrays, node_jd_tdb):
     return heliocentric_state(orb, node_jd_tdb[:, None])
 
 
-def _cull(node_pos_au, node_vel_au, acc_max, speed_max, orbit_ok, exposure_node, exposure_dt_day,
-          sun_minus_observer_au, field_center, field_cos_radius, exposure_ok):
-    """(exposure, orbit) pairs of a batch that may fall in the exposure's field circle.
+def _track_estimate(node_pos_au, node_vel_au, acc_max, speed_max, exposure_node, exposure_dt_day,
+                    sun_minus_observer_au):
+    """Estimated observer-to-body vectors at exposures, and the sine of a proven bound on the
+    angle between each estimate and the true astrometric direction.
 
     The body's heliocentric position at the exposure is taken on the straight line through
-    its state at the nearest track node, ``p_j + v_j dt``. The true barycentric body
+    its state at the exposure's track node, ``p_j + v_j dt``. The true barycentric body
     position seen at the exposure (at the emission time ``t - tau``) differs from that
     estimate by at most::
 
         eps = a_max dt^2 / 2 + (v_max + V_sun) tau,   tau <= (D + eps) / c
 
     (``D`` = the estimate's distance from the observer), i.e.
-    ``eps <= (a_max dt^2 / 2 + k D) / (1 - k)`` with ``k = (v_max + V_sun) / c``. The true
-    direction is then within ``asin(eps / D)`` of the estimate's, so a pair whose estimate
-    is farther than ``R + asin(eps / D)`` from the field centre (radius ``R``) cannot fall
-    in the field. Shapes: nodes (J, B_o, 3), orbits (B_o,), exposures (B_e,).
-
-    Returns the (B_e, B_o) mask of kept pairs. The host compacts it: on a CPU, XLA's
-    fixed-size ``nonzero`` costs ten times the cull itself.
+    ``eps <= (a_max dt^2 / 2 + k D) / (1 - k)`` with ``k = (v_max + V_sun) / c``, and the
+    true direction is within ``asin(eps / D)`` of the estimate's. Shapes: nodes (J, B_o, 3),
+    orbits (B_o,), exposures (B_e,); returns (B_e, B_o, 3) and (B_e, B_o), the sine being
+    >= 1 where the estimate says nothing about the direction.
     """
     dt = exposure_dt_day[:, None, None]
     rel = node_pos_au[exposure_node] + node_vel_au[exposure_node] * dt + sun_minus_observer_au[:, None, :]
-    dist = _norm3(rel)  # (B_e, B_o)
+    dist = _norm3(rel)
     k = (speed_max + SUN_BARYCENTRIC_SPEED_MAX_AU_PER_DAY) / ephemeris.C_AU_PER_DAY
     eps = (0.5 * acc_max * exposure_dt_day[:, None] ** 2 + k * dist) / (1.0 - k)
-    sin_t = eps * CULL_SAFETY / dist + CULL_SLACK
-    anywhere = sin_t >= 1.0  # the estimate says nothing about the direction
+    return rel, eps * CULL_SAFETY / dist + CULL_SLACK
+
+
+def _cull(node_pos_au, node_vel_au, acc_max, speed_max, orbit_ok, exposure_node, exposure_dt_day,
+          sun_minus_observer_au, field_center, field_cos_radius, exposure_ok):
+    """(exposure, orbit) pairs of a batch that may fall in the exposure's field circle.
+
+    With the estimate and bound of ``_track_estimate``, a pair whose estimate is farther
+    than ``R + theta`` from the field centre (radius ``R``, ``sin theta`` the bound) cannot
+    fall in the field. Returns the (B_e, B_o) mask of kept pairs. The host compacts it: on
+    a CPU, XLA's fixed-size ``nonzero`` costs ten times the cull itself.
+    """
+    rel, sin_t = _track_estimate(node_pos_au, node_vel_au, acc_max, speed_max, exposure_node, exposure_dt_day,
+                                 sun_minus_observer_au)
+    dist = _norm3(rel)
+    anywhere = sin_t >= 1.0
     sin_t = jnp.minimum(sin_t, 1.0)
     cos_t = jnp.sqrt(1.0 - sin_t * sin_t)
     cos_r = field_cos_radius[:, None]

@@ -232,7 +232,7 @@ PARTIAL_COLUMNS = ["orbit_id", "image_id", "x", "y", "psi", "phi"]
 
 
 def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smoothing_sigma_px: float = 0.0,
-                    max_batch_bytes: int = 256 << 20) -> pd.DataFrame:
+                    max_batch_bytes: int = 256 << 20, prepared=None, timings: dict | None = None) -> pd.DataFrame:
     """Sparse matched-filter partial sums of ``orbits`` against the images of one cache.
 
     Parameters
@@ -246,6 +246,10 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
     smoothing_sigma_px : float
         Extra Gaussian width added in quadrature to the PSF (keeps signal from neighbouring
         orbits of a sparse grid).
+    prepared : ImageSet, optional
+        ``search.prepare_images(images)``, made once for many orbit chunks.
+    timings : dict, optional
+        Seconds spent per step ("intersect", "gather", "filter") are added to it.
 
     Returns
     -------
@@ -255,7 +259,10 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
 
     if orbits.empty or images.empty:
         return _empty_partials()
-    hits = _split_on_out_of_memory(lambda budget: intersect(orbits, images, max_batch_bytes=budget), max_batch_bytes)
+    clock = _StepClock(timings)
+    target = images if prepared is None else prepared
+    hits = _split_on_out_of_memory(lambda budget: intersect(orbits, target, max_batch_bytes=budget), max_batch_bytes)
+    clock.lap("intersect")
     if hits.empty:
         return _empty_partials()
     meta = images.set_index("image_id").loc[hits["image_id"].to_numpy()]
@@ -266,6 +273,7 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
     # Difference images have zero background; science images carry their sky level.
     background = np.where(meta["is_difference"].to_numpy(), 0.0, meta["sky_level"].to_numpy()).astype(np.float32)
     patches = patches - background[:, None, None]
+    clock.lap("gather")
     filter_args = (patches, hits["x"].to_numpy(), hits["y"].to_numpy(), sigma,
                    meta["noise_sigma"].to_numpy(), counts_per_nmgy(meta["magzp"].to_numpy()))
     patch_bytes = patches[0].nbytes * 4  # the float64 products dominate
@@ -273,7 +281,24 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
         lambda budget: matched_filter(*filter_args, batch=max(1, budget // patch_bytes)), max_batch_bytes)
     out = hits[["orbit_id", "image_id", "x", "y"]].copy()
     out["psi"], out["phi"] = psi, phi
+    clock.lap("filter")
     return out.sort_values(["orbit_id", "image_id"], kind="stable").reset_index(drop=True)
+
+
+class _StepClock:
+    """Adds the seconds since the last lap to ``timings[step]`` (nothing when timings is None)."""
+
+    def __init__(self, timings: dict | None):
+        import time
+
+        self._now, self.timings = time.perf_counter, timings
+        self._last = self._now()
+
+    def lap(self, step: str) -> None:
+        now = self._now()
+        if self.timings is not None:
+            self.timings[step] = self.timings.get(step, 0.0) + now - self._last
+        self._last = now
 
 
 #: Below this batch budget an out-of-memory error is not retried (something else is wrong).
