@@ -72,6 +72,43 @@ def test_combine_and_sigma_g_rejection():
     assert out2.loc[5, "n_images"] <= 30
 
 
+def _combine_orbit_by_orbit(partials, n_sigma_g, masked):
+    """The combination written plainly: one orbit at a time with sigma_g_keep."""
+    p = partials.assign(_masked=masked).sort_values(["orbit_id", "image_id"], kind="stable")
+    rows = []
+    for oid, g in p.groupby("orbit_id", sort=True):
+        keep = ((g["phi"] > 0) & ~g["_masked"]).to_numpy().copy()
+        sub = np.flatnonzero(keep)
+        keep[sub[~sigma_g_keep((g["psi"] / g["phi"]).to_numpy()[sub], n_sigma_g)]] = False
+        rows.append((oid, int(keep.sum()), int(len(g) - keep.sum()), g["psi"].to_numpy()[keep].sum(),
+                     g["phi"].to_numpy()[keep].sum()))
+    return pd.DataFrame(rows, columns=["orbit_id", "n_images", "n_rejected", "psi", "phi"])
+
+
+def test_combine_equals_orbit_by_orbit_clipping():
+    """Every orbit's kept images and sums equal the plain per-orbit computation, for groups of
+    every size (1 to 60 images), outliers, masked and zero-weight images, ties."""
+    rng = np.random.default_rng(8)
+    parts = []
+    for oid in range(300):
+        n = int(rng.integers(1, 61))
+        phi = rng.uniform(0.2, 3.0, n)
+        phi[rng.random(n) < 0.05] = 0.0
+        flux = np.round(1.5 + rng.normal(size=n) / np.sqrt(np.maximum(phi, 0.2)), 1 if oid % 3 == 0 else 12)
+        flux[rng.random(n) < 0.08] += 200.0
+        parts.append(pd.DataFrame({"orbit_id": oid, "image_id": rng.permutation(1000)[:n], "psi": flux * phi, "phi": phi}))
+    p = pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=1)  # any row order
+    masked = rng.random(len(p)) < 0.1
+    got = combine_partials(p, n_sigma_g=3.0, masked=masked)
+    want = _combine_orbit_by_orbit(p, 3.0, masked)
+    assert got["orbit_id"].tolist() == want["orbit_id"].tolist()
+    assert got["n_images"].tolist() == want["n_images"].tolist()
+    assert got["n_rejected"].tolist() == want["n_rejected"].tolist()
+    assert (got["n_rejected"] > 0).mean() > 0.3
+    np.testing.assert_allclose(got["psi"], want["psi"], rtol=1e-12)
+    np.testing.assert_allclose(got["phi"], want["phi"], rtol=1e-12)
+
+
 def test_merge_duplicates_keeps_best():
     img = np.arange(10)
     part = pd.concat([

@@ -95,7 +95,12 @@ def matched_filter(patches, x, y, psf_sigma_px, noise_sigma, adu_per_nmgy, batch
 
 def patch_radius_px(psf_sigma_px: float, smoothing_sigma_px: float = 0.0) -> int:
     """Patch half-size covering 3 sigma of the (smoothed) PSF."""
-    return int(np.ceil(3.0 * np.hypot(psf_sigma_px, smoothing_sigma_px)))
+    return int(patch_radii_px(np.asarray(psf_sigma_px), smoothing_sigma_px))
+
+
+def patch_radii_px(psf_sigma_px: np.ndarray, smoothing_sigma_px: float = 0.0) -> np.ndarray:
+    """``patch_radius_px`` for an array of PSF widths."""
+    return np.ceil(3.0 * np.hypot(np.asarray(psf_sigma_px, np.float64), smoothing_sigma_px)).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- combination
@@ -131,24 +136,52 @@ def combine_partials(partials: pd.DataFrame, *, n_sigma_g: float = 3.0, masked=N
     if partials.empty:
         return pd.DataFrame({c: pd.Series(dtype="int64" if c.startswith("n_") or c == "orbit_id" else "float64") for c in cols})
     masked = np.zeros(len(partials), bool) if masked is None else np.asarray(masked, bool)
+    # Rows in (orbit, image) order: the sums do not depend on how the partials were cut.
     p = partials.assign(_masked=masked).sort_values(["orbit_id", "image_id"], kind="stable").reset_index(drop=True)
-    keep = (p["phi"].to_numpy() > 0) & ~p["_masked"].to_numpy()
-    flux = np.where(keep, p["psi"] / np.where(p["phi"] > 0, p["phi"], 1), np.nan)
-    ids = p["orbit_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    ends = np.r_[starts[1:], len(ids)]
-    rows = []
-    psi_all, phi_all = p["psi"].to_numpy(), p["phi"].to_numpy()
-    for a, b in zip(starts, ends):
-        k = keep[a:b].copy()
-        if k.any():
-            sub = np.flatnonzero(k)
-            k[sub[~sigma_g_keep(flux[a:b][sub], n_sigma_g)]] = False
-        psi, phi = psi_all[a:b][k].sum(), phi_all[a:b][k].sum()
-        rows.append((ids[a], int(k.sum()), int((b - a) - k.sum()), psi, phi,
-                     psi / phi if phi > 0 else np.nan, 1 / np.sqrt(phi) if phi > 0 else np.nan,
-                     psi / np.sqrt(phi) if phi > 0 else 0.0))
-    return pd.DataFrame(rows, columns=cols).astype({"orbit_id": "int64", "n_images": "int64", "n_rejected": "int64"})
+    ids, psi, phi = p["orbit_id"].to_numpy(), p["psi"].to_numpy(), p["phi"].to_numpy()
+    keep = (phi > 0) & ~p["_masked"].to_numpy()
+    flux = np.where(keep, psi / np.where(phi > 0, phi, 1), np.nan)
+    new_group = np.r_[True, ids[1:] != ids[:-1]]
+    starts, group = np.flatnonzero(new_group), np.cumsum(new_group) - 1
+    keep &= _grouped_sigma_g_keep(flux, keep, group, starts, n_sigma_g)
+    n_rows = np.diff(np.r_[starts, len(ids)])
+    n_kept = np.add.reduceat(keep.astype(np.int64), starts)
+    psi_sum = np.add.reduceat(np.where(keep, psi, 0.0), starts)
+    phi_sum = np.add.reduceat(np.where(keep, phi, 0.0), starts)
+    pos = phi_sum > 0
+    safe = np.where(pos, phi_sum, 1.0)
+    out = pd.DataFrame({
+        "orbit_id": ids[starts].astype("int64"), "n_images": n_kept, "n_rejected": (n_rows - n_kept).astype("int64"),
+        "psi": psi_sum, "phi": phi_sum, "flux_nmgy": np.where(pos, psi_sum / safe, np.nan),
+        "flux_sd_nmgy": np.where(pos, 1 / np.sqrt(safe), np.nan), "snr": np.where(pos, psi_sum / np.sqrt(safe), 0.0)})
+    return out[cols]
+
+
+def _grouped_sigma_g_keep(flux, keep, group, starts, n_sigma: float) -> np.ndarray:
+    """``sigma_g_keep`` on the kept fluxes of every group at once (rows grouped contiguously).
+
+    Quartiles are numpy's default (linear) percentiles, computed the same way, so each group
+    gets the same mask as ``sigma_g_keep`` on its kept fluxes alone.
+    """
+    n_kept = np.add.reduceat(keep.astype(np.int64), starts)
+    values = np.where(keep, flux, np.inf)
+    ordered = values[np.lexsort((values, group))]  # per group: kept fluxes ascending, then inf
+
+    def quantile(q):
+        index = q * np.maximum(n_kept - 1, 0)  # exact for quartiles
+        lo = np.floor(index).astype(np.int64)
+        t = index - lo
+        a = ordered[starts + lo]
+        b = ordered[starts + np.minimum(lo + 1, np.maximum(n_kept - 1, 0))]
+        diff = b - a
+        return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)  # numpy's interpolation
+
+    with np.errstate(invalid="ignore"):
+        q25, q50, q75 = quantile(0.25), quantile(0.5), quantile(0.75)
+        sigma_g = SIGMA_G_PER_IQR * (q75 - q25)
+        clip = (n_kept >= 4) & (sigma_g > 0)
+        inside = np.abs(flux - q50[group]) <= n_sigma * sigma_g[group]
+    return ~clip[group] | inside
 
 
 def star_mask_hits(partials: pd.DataFrame, images: pd.DataFrame, stars: pd.DataFrame | None, radius_arcsec: float) -> np.ndarray:
@@ -327,8 +360,10 @@ def _split_on_out_of_memory(run, max_batch_bytes: int):
 def _crop_to_own_radius(patches: np.ndarray, sigma_px: np.ndarray) -> np.ndarray:
     """NaN outside each intersection's own patch radius: the patches of a batch share the
     widest PSF's size, and the sums must not depend on which images share the batch."""
-    radius = np.array([patch_radius_px(float(s)) for s in sigma_px])
+    radius = patch_radii_px(sigma_px)
     half = patches.shape[-1] // 2
+    if (radius >= half).all():
+        return patches
     offset = np.abs(np.arange(-half, half + 1))
     outside = (offset[None, :, None] > radius[:, None, None]) | (offset[None, None, :] > radius[:, None, None])
     return np.where(outside, np.float32(np.nan), patches)
