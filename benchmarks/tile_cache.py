@@ -110,8 +110,7 @@ def main(argv=None) -> dict:
                           f"{results['speedup_vs_fitsio']:.1f}x fitsio section reads, "
                           f"{results['speedup_vs_row_major_mmap']:.2f}x row-major mmap ({results['device']})")
     print(json.dumps(results, indent=1))
-    print(f"| B3 patch gathers ({2*r+1}x{2*r+1}) | tile cache {results['tile_cache_patches_per_s']:.3g}/s | "
-          f"row-major mmap {results['row_major_mmap_patches_per_s']:.3g}/s | fitsio {results['fitsio_patches_per_s']:.3g}/s |")
+    print(results["summary"])
     return results
 
 

@@ -3,7 +3,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skystack.tracking import combine_partials, matched_filter, merge_duplicates, sigma_g_keep
+from skystack.tracking import SIGMA_G_PER_IQR, combine_partials, matched_filter, merge_duplicates
+
+
+def sigma_g_keep(flux: np.ndarray, n_sigma: float) -> np.ndarray:
+    """The clipping rule written plainly for one orbit: |f - median| <= n_sigma * sigma_G."""
+    if len(flux) < 4:
+        return np.ones(len(flux), bool)
+    q25, q50, q75 = np.percentile(flux, [25, 50, 75])
+    sigma_g = SIGMA_G_PER_IQR * (q75 - q25)
+    if not sigma_g > 0:
+        return np.ones(len(flux), bool)
+    return np.abs(flux - q50) <= n_sigma * sigma_g
 
 
 def gaussian_patch(r, dx, dy, sigma):

@@ -104,17 +104,6 @@ def patch_radii_px(psf_sigma_px: np.ndarray, smoothing_sigma_px: float = 0.0) ->
 
 
 # ----------------------------------------------------------------------------- combination
-def sigma_g_keep(flux: np.ndarray, n_sigma: float) -> np.ndarray:
-    """Keep mask of sigma-G clipping: |f - median| <= n_sigma * 0.7413 * IQR."""
-    if len(flux) < 4:
-        return np.ones(len(flux), bool)
-    q25, q50, q75 = np.percentile(flux, [25, 50, 75])
-    sigma_g = SIGMA_G_PER_IQR * (q75 - q25)
-    if not sigma_g > 0:
-        return np.ones(len(flux), bool)
-    return np.abs(flux - q50) <= n_sigma * sigma_g
-
-
 def combine_partials(partials: pd.DataFrame, *, n_sigma_g: float = 3.0, masked=None) -> pd.DataFrame:
     """Per-orbit combined statistics from per-image partial sums.
 
