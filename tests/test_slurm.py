@@ -82,10 +82,19 @@ def test_tiny_workflow_on_slurm_matches_local(slurm_cluster, tmp_path, tiny_run)
     assert _result_files(slurm_dir) == files
     tables = [f for f in files if f.endswith(".parquet")]
     assert len(tables) > 20
-    # Bit-identical except the catalog's posterior sds, which may differ in the last bit
-    # (2.7e-16 seen) through the threading of the linear algebra behind them.
+    # Bit-identical, except the catalog tables, which are held to the same 1e-9 as the
+    # partition/chunk/core tests (test_scaleout.py). On the development machine they are
+    # bit-identical too, whatever the cores, affinity, compilation cache or environment. On a
+    # CI machine the local and Slurm catalogs differed: in the last bit of posterior sds
+    # (2.7e-16) once, and by 2.8e-12 in the sd of a galaxy flux the data barely constrain
+    # (41 nmgy on 66 nmgy), where inverting an ill-conditioned Hessian amplifies rounding.
+    mismatches = []
     for name in tables:
-        assert_same_table(tiny_run / name, slurm_dir / name, rtol=1e-12 if "catalog" in name else 0.0)
+        try:
+            assert_same_table(tiny_run / name, slurm_dir / name, rtol=1e-9 if "catalog" in name else 0.0)
+        except AssertionError as exc:
+            mismatches.append(str(exc))
+    assert not mismatches, f"{len(mismatches)} of {len(tables)} tables differ:\n" + "\n".join(mismatches)
     for name in [f for f in files if f.endswith(".fits.fz")][:6]:
         with fits.open(tiny_run / name) as a, fits.open(slurm_dir / name) as b:
             assert np.array_equal(a[1].data, b[1].data, equal_nan=True), name
