@@ -147,10 +147,12 @@ def combine_partials(partials: pd.DataFrame, *, n_sigma_g: float = 3.0, masked=N
 
 
 def _grouped_sigma_g_keep(flux, keep, group, starts, n_sigma: float) -> np.ndarray:
-    """``sigma_g_keep`` on the kept fluxes of every group at once (rows grouped contiguously).
+    """Sigma-G keep mask for every group at once (rows grouped contiguously).
 
-    Quartiles are numpy's default (linear) percentiles, computed the same way, so each group
-    gets the same mask as ``sigma_g_keep`` on its kept fluxes alone.
+    Within a group with at least 4 kept fluxes and sigma_G = 0.7413 IQR > 0, a row is kept
+    when |flux - median| <= n_sigma sigma_G; otherwise every row is kept. The quartiles are
+    numpy's default (linear) percentiles of the kept fluxes, computed the same way, so each
+    group gets the mask that rule gives on that group alone (tests/test_tracking.py).
     """
     n_kept = np.add.reduceat(keep.astype(np.int64), starts)
     values = np.where(keep, flux, np.inf)
