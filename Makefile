@@ -18,14 +18,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG)
 	@$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG) --quiet all \
-	  --report $$($(VENV)/bin/python -m skystack.summary --configfile $(CONFIG) --report-path)
-	@$(VENV)/bin/python -m skystack.summary --configfile $(CONFIG)
+	  --report $$($(VENV)/bin/python -m skystack.report.summary --configfile $(CONFIG) --report-path)
+	@$(VENV)/bin/python -m skystack.report.summary --configfile $(CONFIG)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests; rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "0 passed, 0 failed"; exit 0; fi; exit $$rc
+	$(VENV)/bin/python -m pytest tests
 
 lint: $(STAMP)
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
 	$(VENV)/bin/snakemake --lint
 
 bench: $(STAMP)

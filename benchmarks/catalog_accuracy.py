@@ -13,12 +13,38 @@ import argparse
 import json
 import time
 
-from skystack._jax import device_summary
-from skystack.catalog import detect_sources, fit_catalog, heuristic_catalog, markdown_table, score_catalog
-from skystack.catalog.testing import simulate_field
+from skystack.catalog.detect import detect_sources
+from skystack.catalog.fit import fit_region
+from skystack.catalog.heuristic import heuristic_catalog
+from skystack.catalog.regions import make_regions, region_neighbours
+from skystack.catalog.score import markdown_table, score_catalog
+from skystack.core.runtime import configure, device_summary
+from skystack.sim.fields import simulate_field
+
+
+def fit_catalog(images, candidates=None, *, n_regions=None, max_sources_per_region=256, margin_arcsec=15.0,
+                priors=None, **fit_kw):
+    """Detect (unless ``candidates`` are given), split into regions and fit every region.
+
+    Regions are fitted one after another here; the workflow runs them as separate jobs.
+    Neighbours from other regions are held at their candidate values.
+    """
+    import pandas as pd
+
+    cands = detect_sources(images) if candidates is None else candidates.reset_index(drop=True)
+    if len(cands) == 0:
+        return fit_region(cands, None, images, priors, **fit_kw)
+    regions = make_regions(cands, n_regions=n_regions, max_sources_per_region=max_sources_per_region)
+    parts = []
+    for r in range(int(regions.max()) + 1):
+        mine = cands[regions == r]
+        neigh = region_neighbours(cands, regions, r, margin_arcsec)
+        parts.append(fit_region(mine, neigh, images, priors, region=r, **fit_kw))
+    return pd.concat(parts, ignore_index=True)
 
 
 def main(argv=None) -> dict:
+    configure()  # float64 positions, the compilation cache
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-sources", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=3)

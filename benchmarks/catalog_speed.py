@@ -14,12 +14,13 @@ import time
 
 import numpy as np
 
-from skystack._jax import device_summary
-from skystack.catalog import fit_region
-from skystack.catalog.testing import simulate_field
+from skystack.catalog.fit import fit_region
+from skystack.core.runtime import configure, device_summary
+from skystack.sim.fields import simulate_field
 
 
 def main(argv=None) -> dict:
+    configure()  # float64 positions, the compilation cache
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-sources", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=7, help="epochs per band (3 bands)")

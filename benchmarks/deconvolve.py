@@ -17,8 +17,21 @@ import time
 
 import numpy as np
 
-from skystack import deconvolve as dc
-from skystack._jax import device_summary
+from skystack.core.runtime import configure, device_summary
+from skystack.deconvolve.metrics import nmse
+from skystack.deconvolve.operators import (
+    lipschitz_constants,
+    psf_spectra,
+    starlet_norm_sq,
+    starlet_transform,
+)
+from skystack.deconvolve.solvers import (
+    DEFAULT_DUAL_STEP,
+    band_weights,
+    deconvolve_stack,
+    step_sizes,
+)
+from skystack.sim.stacks import simulate_truth_stack
 
 STAMP_PX = 41
 PER_STAMPS = 10_000
@@ -34,7 +47,7 @@ def _modopt_solve(observed, psfs, weights, tau, sigma, rho, n_iter):
 
     delta = np.zeros(observed.shape[1:])
     delta[STAMP_PX // 2, STAMP_PX // 2] = 1
-    filters = np.asarray(dc.starlet_transform(delta, 4))   # impulse responses of the detail bands
+    filters = np.asarray(starlet_transform(delta, 4))   # impulse responses of the detail bands
     linear = WaveletConvolve(filters)
     grad = GradBasic(observed, lambda x: convolve_stack(x, psfs),
                      lambda x: convolve_stack(x, psfs, rot_kernel=True), verbose=False)
@@ -47,6 +60,7 @@ def _modopt_solve(observed, psfs, weights, tau, sigma, rho, n_iter):
 
 
 def main(argv=None) -> dict:
+    configure()  # float64 positions, the compilation cache
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-stamps", type=int, default=10_000)
     ap.add_argument("--n-psfs", type=int, default=600)
@@ -64,7 +78,7 @@ def main(argv=None) -> dict:
         args.modopt_stamps, args.agree_iterations = 50, 60
 
     t0 = time.perf_counter()
-    truth, observed, psfs, sigma = dc.simulate_truth_stack(args.n_stamps, size=STAMP_PX, n_psfs=args.n_psfs,
+    truth, observed, psfs, sigma = simulate_truth_stack(args.n_stamps, size=STAMP_PX, n_psfs=args.n_psfs,
                                                            seed=args.seed, n_galaxies=args.n_galaxies)
     t_sim = time.perf_counter() - t0
     kw = dict(tol=0.0, n_reweights=0, batch_size=args.batch_size, dtype=args.dtype)
@@ -73,12 +87,12 @@ def main(argv=None) -> dict:
     # the set-up (spectra, weights, transfers) cancels (the cap is traced: no recompile)
     b = min(args.batch_size, args.n_stamps)
     t0 = time.perf_counter()
-    dc.deconvolve_stack(observed[:b], psfs[:b], sigma[:b], max_iter=2, **kw)
+    deconvolve_stack(observed[:b], psfs[:b], sigma[:b], max_iter=2, **kw)
     t_compile = time.perf_counter() - t0
     times = []
     for k in (1, 1 + args.iterations):
         t0 = time.perf_counter()
-        dc.deconvolve_stack(observed, psfs, sigma, max_iter=k, **kw)
+        deconvolve_stack(observed, psfs, sigma, max_iter=k, **kw)
         times.append(time.perf_counter() - t0)
     t_setup = times[0]
     ours_s_per_iter = (times[1] - times[0]) / args.iterations * PER_STAMPS / args.n_stamps
@@ -87,17 +101,17 @@ def main(argv=None) -> dict:
     m = min(args.modopt_stamps, args.n_stamps)
     sub = np.random.default_rng(args.seed).choice(args.n_stamps, m, replace=False)
     obs_s, psf_s, sig_s, tru_s = observed[sub], psfs[sub], sigma[sub], truth[sub]
-    w = dc.band_weights(psf_s, sig_s)
+    w = band_weights(psf_s, sig_s)
     weights = np.broadcast_to(w[:, :, None, None], (m, 3, STAMP_PX, STAMP_PX)).copy()
-    lip = np.asarray(dc.lipschitz_constants(dc.psf_spectra(psf_s, (STAMP_PX, STAMP_PX), "float64")))
-    tau_each, _ = dc.step_sizes(lip, dc.starlet_norm_sq((STAMP_PX, STAMP_PX)) * 1.02)
-    tau, dual_step, rho = float(tau_each.min()), dc.DEFAULT_DUAL_STEP, 0.8
+    lip = np.asarray(lipschitz_constants(psf_spectra(psf_s, (STAMP_PX, STAMP_PX), "float64")))
+    tau_each, _ = step_sizes(lip, starlet_norm_sq((STAMP_PX, STAMP_PX)) * 1.02)
+    tau, dual_step, rho = float(tau_each.min()), DEFAULT_DUAL_STEP, 0.8
     x_ref, t_modopt = _modopt_solve(obs_s, psf_s, weights, tau, dual_step, rho, args.agree_iterations)
-    x_ours, _ = dc.deconvolve_stack(obs_s, psf_s, sig_s, max_iter=args.agree_iterations, primal_step=tau,
+    x_ours, _ = deconvolve_stack(obs_s, psf_s, sig_s, max_iter=args.agree_iterations, primal_step=tau,
                                     dual_step=dual_step, rho=rho, **kw)
     modopt_s_per_iter = t_modopt / args.agree_iterations * PER_STAMPS / m
-    nmse_ours = float(np.median(dc.nmse(x_ours, tru_s)))
-    nmse_ref = float(np.median(dc.nmse(x_ref, tru_s)))
+    nmse_ours = float(np.median(nmse(x_ours, tru_s)))
+    nmse_ref = float(np.median(nmse(x_ref, tru_s)))
     out = {
         "device": device_summary(),
         "n_stamps": args.n_stamps, "n_psfs": args.n_psfs, "stamp_px": STAMP_PX, "dtype": args.dtype,
@@ -108,7 +122,7 @@ def main(argv=None) -> dict:
         "modopt_stamps": m, "modopt_iterations": args.agree_iterations,
         "modopt_s_per_iter_10k": round(modopt_s_per_iter, 3),
         "speedup": round(modopt_s_per_iter / ours_s_per_iter, 1),
-        "median_nmse_observed": round(float(np.median(dc.nmse(obs_s, tru_s))), 5),
+        "median_nmse_observed": round(float(np.median(nmse(obs_s, tru_s))), 5),
         "median_nmse_skystack": round(nmse_ours, 5), "median_nmse_modopt": round(nmse_ref, 5),
         "nmse_within_5pct": bool(abs(nmse_ours - nmse_ref) <= 0.05 * nmse_ref),
         "relative_difference": float(np.linalg.norm(x_ours - x_ref) / np.linalg.norm(x_ref)),

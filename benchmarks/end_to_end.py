@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skystack._jax import device_summary
-from skystack.cache import TileCache
-from skystack.config import load_config
-from skystack.search import prepare_images
-from skystack.tracking import combine_partials, orbits_for_ids, search_partials
+from skystack.core.config import load_config
+from skystack.core.runtime import configure, device_summary
+from skystack.orbits.plan import orbits_for_ids
+from skystack.search.combine import combine_partials
+from skystack.search.intersect import prepare_images
+from skystack.search.shard import search_partials
+from skystack.survey.cache import TileCache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +51,7 @@ def build_inputs(config_path: Path, workdir: Path, cores: int) -> dict:
 
 
 def main(argv=None) -> dict:
+    configure()  # float64 positions, the compilation cache
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
     ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "out" / "end_to_end")

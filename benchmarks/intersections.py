@@ -2,7 +2,7 @@
 
 A metadata-only ZTF-like survey (``skystack.mosaic``: exposures of 8 x 8 CCD quadrants,
 TAN-SIP, along the ecliptic at random times, from Palomar; by default 313 exposures =
-20,032 images over 6 years) and a batch of random KBO orbits. ``skystack.search.intersect``
+20,032 images over 6 years) and a batch of random KBO orbits. ``skystack.intersect``
 is timed after a warm-up call (compilation excluded), whole and step by step (cull on track
 nodes; exact directions, lookup and SIP inversion of the candidates). Side by side, on a
 subsample, the straightforward reference (``skystack.reference.pair_by_pair``: skyfield and
@@ -22,11 +22,17 @@ import warnings
 
 import numpy as np
 
-from skystack import search
-from skystack._jax import device_summary
-from skystack.mosaic import ecliptic_survey
-from skystack.orbits import orbit_arrays, random_orbits
-from skystack.reference import pair_by_pair
+from skystack.astrometry.kepler import orbit_arrays
+from skystack.core.runtime import configure, device_summary
+from skystack.orbits.population import population
+from skystack.search.intersect import (
+    _cull_pairs,
+    _exact_intersections,
+    intersect,
+    prepare_images,
+)
+from skystack.sim.mosaic import ecliptic_survey
+from skystack.testing.reference import pair_by_pair
 
 
 def _best_of(repeat: int, run):
@@ -63,6 +69,7 @@ def _reference(orbits, images, hits, n_orbits: int, n_exposures: int, seed: int)
 
 
 def main(argv=None) -> dict:
+    configure()  # float64 positions, the compilation cache
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exposures", type=int, default=313, help="exposures of 64 quadrants each")
     ap.add_argument("--orbits", type=int, default=20000, help="random KBO orbits")
@@ -78,22 +85,22 @@ def main(argv=None) -> dict:
 
     t = time.perf_counter()
     images = ecliptic_survey(args.exposures, args.years, args.seed, sip=not args.no_sip)
-    orbits = random_orbits("kbo", args.orbits, seed=args.seed, chunk=0)
+    orbits = population("kbo", np.arange(args.orbits), seed=args.seed)
     t_build = time.perf_counter() - t
     t = time.perf_counter()
-    prepared = search.prepare_images(images)
+    prepared = prepare_images(images)
     t_prepare = time.perf_counter() - t
     budget = args.max_batch_mb << 20
 
     t = time.perf_counter()
-    hits = search.intersect(orbits, prepared, max_batch_bytes=budget)  # warm-up: compiles
+    hits = intersect(orbits, prepared, max_batch_bytes=budget)  # warm-up: compiles
     t_first = time.perf_counter() - t
-    best, times, hits = _best_of(args.repeat, lambda: search.intersect(orbits, prepared, max_batch_bytes=budget))
+    best, times, hits = _best_of(args.repeat, lambda: intersect(orbits, prepared, max_batch_bytes=budget))
 
     # The same work step by step (each step's device work waited for by the host).
     orb = orbit_arrays(orbits)
-    t_cull, _, (e_idx, o_idx) = _best_of(args.repeat, lambda: search._cull_pairs(orb, prepared, budget))
-    t_exact, _, _ = _best_of(args.repeat, lambda: search._exact_intersections(
+    t_cull, _, (e_idx, o_idx) = _best_of(args.repeat, lambda: _cull_pairs(orb, prepared, budget))
+    t_exact, _, _ = _best_of(args.repeat, lambda: _exact_intersections(
         orb, orbits["orbit_id"].to_numpy(), prepared, e_idx, o_idx, budget))
 
     pairs = len(images) * len(orbits)

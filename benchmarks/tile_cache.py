@@ -21,7 +21,8 @@ from pathlib import Path
 import fitsio
 import numpy as np
 
-from skystack.cache import TileCache, write_tile_cache
+from skystack.core.runtime import configure
+from skystack.survey.cache import TileCache, write_tile_cache
 
 
 def drop_page_cache() -> bool:
@@ -34,6 +35,7 @@ def drop_page_cache() -> bool:
 
 
 def main(argv=None) -> dict:
+    configure()  # float64 positions, the compilation cache
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--patches", type=int, default=200_000)

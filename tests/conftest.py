@@ -9,17 +9,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 def _shared_data() -> Path:
     """The shared real test data: $SKYSTACK_SHARED_DATA, else ../shared/data beside the clone."""
-    for candidate in (os.environ.get("SKYSTACK_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
+    for candidate in (os.environ.get("SKYSTACK_SHARED_DATA"), REPO.parent / "shared" / "data"):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return REPO.parent / "shared" / "data"
 
 
 SHARED_DATA = _shared_data()
+SHARED_DATA_MISSING = f"the shared real data is not at {SHARED_DATA} (set SKYSTACK_SHARED_DATA or put shared/ beside the clone)"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TINY = REPO / "config" / "experiments" / "tiny.yaml"
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from skystack.core.runtime import configure  # noqa: E402
+
+configure()  # the library changes no global state on import: tests set JAX up like every entry point
 
 
 def run_snakemake(workdir, *args, configfile=None, cores=2, check=True, env=None, timeout=900):

@@ -4,7 +4,8 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from skystack.survey import BadImageError, index_images, index_survey
+from skystack.survey.headers import BadImageError
+from skystack.survey.index import index_images, index_survey
 
 SITE = {"lat_deg": 33.3563, "lon_deg": -116.8650, "height_m": 1712.0}
 GOOD_CARDS = {"MJD-OBS": 59000.3, "EXPTIME": 30.0, "PSF_FWHM": 2.0, "FILTER": "r", "MAGZP": 26.0}

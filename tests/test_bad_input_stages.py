@@ -2,17 +2,21 @@
 and bad images met by the workflow itself (error and skip policies)."""
 import shutil
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import TINY, run_snakemake
-from skystack import tracking
-from skystack.cache import TileCache, write_tile_cache
+
 from skystack.catalog.stage import candidates_on_images, read_candidates
-from skystack.survey import read_pixels
-from skystack.tracking import PARTIAL_COLUMNS, combine_partials, merge_duplicates, search_partials
+from skystack.search import intersect as intersect_module
+from skystack.search import matched_filter as mf_module
+from skystack.search.combine import combine_partials
+from skystack.search.filters import merge_duplicates
+from skystack.search.shard import PARTIAL_COLUMNS, search_partials
+from skystack.survey.cache import TileCache, write_tile_cache
+from skystack.survey.pixels import read_pixels
 
 
 @pytest.fixture(scope="module")
@@ -48,29 +52,28 @@ def test_out_of_memory_batches_are_split_and_retried(survey, monkeypatch, caplog
     reference = search_partials(truth, mine, cache)
     assert len(reference) > 10
     for name in ("_matched_filter",):
-        real = getattr(tracking, name)
+        real = getattr(mf_module, name)
         calls = {"n": 0}
 
         def failing_once(*args, _real=real, _calls=calls):
             _calls["n"] += 1
             if _calls["n"] == 1:
-                raise tracking.jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
             return _real(*args)
 
-        monkeypatch.setattr(tracking, name, failing_once)
-    import skystack.search as search
+        monkeypatch.setattr(mf_module, name, failing_once)
 
-    real_batch = search._batch_intersections_jit
+    real_batch = intersect_module._batch_intersections_jit
     seen = {"n": 0}
 
     def failing_batch(*args, **kw):
         seen["n"] += 1
         if seen["n"] == 1:
-            raise tracking.jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
         return real_batch(*args, **kw)
 
-    monkeypatch.setattr(search, "_batch_intersections_jit", failing_batch)
-    with caplog.at_level("WARNING", logger="skystack.tracking"):
+    monkeypatch.setattr(intersect_module, "_batch_intersections_jit", failing_batch)
+    with caplog.at_level("WARNING", logger="skystack.search.shard"):
         again = search_partials(truth, mine, cache, max_batch_bytes=64 << 20)
     pd.testing.assert_frame_equal(again, reference)
     said = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
@@ -81,10 +84,10 @@ def test_other_device_errors_are_not_retried(survey, monkeypatch):
     _, mine, cache, truth = survey
 
     def broken(*args):
-        raise tracking.jax.errors.JaxRuntimeError("INTERNAL: something else")
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
-    monkeypatch.setattr(tracking, "_matched_filter", broken)
-    with pytest.raises(tracking.jax.errors.JaxRuntimeError, match="INTERNAL"):
+    monkeypatch.setattr(mf_module, "_matched_filter", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         search_partials(truth, mine, cache)
 
 

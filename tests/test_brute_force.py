@@ -5,11 +5,12 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 from astropy.wcs import WCS
-
-from skystack.population import population
-from skystack.search import intersect, sky_positions
-from skystack.tracking import ELEMENT_COLUMNS
 from test_cull import mixed_orbits, mosaic_survey
+
+from skystack.astrometry.directions import sky_positions
+from skystack.orbits.population import population
+from skystack.orbits.table import ELEMENT_COLUMNS
+from skystack.search.intersect import intersect
 
 
 def _brute_force(orbits, images):

@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 from astropy.io import fits
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from skystack.cache import TileCache, write_tile_cache
+from skystack.search.shard import stage_cache
+from skystack.survey.cache import TileCache, write_tile_cache
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,6 @@ def test_staging_copies_once_and_refreshes_when_stale(fits_images, tmp_path):
     import os
     from pathlib import Path
 
-    from skystack.tracking import stage_cache
 
     arrays, cache = fits_images
     src = tmp_path / "partition_0.tiles"

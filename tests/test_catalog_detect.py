@@ -1,16 +1,16 @@
 """Detection agrees with SExtractor on a real image and finds simulated sources."""
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import SHARED_DATA
 from astropy.io import fits
+from conftest import SHARED_DATA
 from scipy.spatial import cKDTree
 
-from skystack.catalog import ImageData, detect_sources, extract_image, heuristic_catalog, score_catalog
-from skystack.catalog.score import match_catalog
-from skystack.catalog.testing import simulate_field
+from skystack.catalog.data import ImageData
+from skystack.catalog.detect import detect_sources, extract_image
+from skystack.catalog.heuristic import heuristic_catalog
+from skystack.catalog.score import match_catalog, score_catalog
+from skystack.sim.fields import simulate_field
 
 SEP_DIR = SHARED_DATA / "sep-image"
 

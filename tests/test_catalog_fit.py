@@ -1,10 +1,10 @@
 """The Bayesian fit recovers simulated sources with calibrated uncertainties."""
 import numpy as np
-import pandas as pd
 import pytest
 
-from skystack.catalog import fit_region, output_columns, score_catalog
-from skystack.catalog.testing import simulate_field
+from skystack.catalog.fit import fit_region, output_columns
+from skystack.catalog.score import score_catalog
+from skystack.sim.fields import simulate_field
 
 N_CALIBRATION = 256
 

@@ -1,10 +1,10 @@
 """Gaussian-mixture PSFs and galaxy profiles reproduce GalSim's rendering."""
 import galsim
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from skystack._jax import jnp
 from skystack.catalog import elbo as E
 from skystack.catalog import model
 from skystack.catalog.psf import fit_psf_image, gaussian_psf, mixture_image

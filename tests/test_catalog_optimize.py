@@ -1,8 +1,12 @@
 """Trust-region Newton converges on known problems and flags the ones it cannot finish."""
+import jax.numpy as jnp
 import numpy as np
 
-from skystack._jax import jnp
-from skystack.catalog.optimize import minimize_batch, solve_subproblem, trust_region_newton
+from skystack.catalog.optimize import (
+    minimize_batch,
+    solve_subproblem,
+    trust_region_newton,
+)
 
 
 def rosenbrock(x):

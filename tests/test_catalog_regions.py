@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skystack.catalog import make_regions, region_neighbours
+from skystack.catalog.regions import make_regions, region_neighbours
 
 
 @pytest.fixture(scope="module")

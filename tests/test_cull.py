@@ -11,11 +11,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skystack import search
-from skystack.mosaic import ecliptic_survey
-from skystack.orbits import orbit_arrays, random_orbits
-from skystack.search import prepare_images
-
+from skystack.astrometry.directions import _directions_jit
+from skystack.astrometry.kepler import orbit_arrays
+from skystack.orbits.population import population
+from skystack.search.intersect import (
+    NODE_SPACING_DAY,
+    _cull_pairs,
+    _node_states_jit,
+    _orbit_track_bounds,
+    _track_estimate,
+    prepare_images,
+)
+from skystack.sim.mosaic import ecliptic_survey
 
 
 def mixed_orbits(n_kbo: int, n_centaur: int, seed: int) -> pd.DataFrame:
@@ -25,7 +32,7 @@ def mixed_orbits(n_kbo: int, n_centaur: int, seed: int) -> pd.DataFrame:
                           "inc_deg": rng.uniform(0, 30, 200), "node_deg": rng.uniform(0, 360, 200),
                           "argperi_deg": rng.uniform(0, 360, 200), "mean_anomaly_deg": rng.uniform(0, 360, 200),
                           "epoch_jd_tdb": 2451545.0})
-    parts = [random_orbits("kbo", n_kbo, seed=seed), random_orbits("centaur", n_centaur, seed=seed), inner]
+    parts = [population("kbo", np.arange(n_kbo), seed=seed), population("centaur", np.arange(n_centaur), seed=seed), inner]
     out = pd.concat([p.drop(columns="orbit_id", errors="ignore") for p in parts], ignore_index=True)
     out.insert(0, "orbit_id", np.arange(len(out), dtype=np.int64))
     return out
@@ -45,11 +52,11 @@ def test_track_bound_holds(survey):
     orbits = mixed_orbits(3000, 1000, seed=4)
     im = prepare_images(survey)
     orb = orbit_arrays(orbits)
-    pos, vel = search._node_states_jit(orb, im.node_jd_tdb)
-    acc_max, speed_max = search._orbit_track_bounds(orb)
-    rel, sin_bound = search._track_estimate(pos, vel, acc_max, speed_max, im.exposure_node, im.exposure_dt_day,
+    pos, vel = _node_states_jit(orb, im.node_jd_tdb)
+    acc_max, speed_max = _orbit_track_bounds(orb)
+    rel, sin_bound = _track_estimate(pos, vel, acc_max, speed_max, im.exposure_node, im.exposure_dt_day,
                                             im.sun_taylor_au[:, 0, :] - im.observer_au)
-    exact, _ = search._directions_jit(orb, im.jd_tdb, im.observer_au, im.sun_taylor_au)
+    exact, _ = _directions_jit(orb, im.jd_tdb, im.observer_au, im.sun_taylor_au)
     rel, sin_bound, exact = np.asarray(rel), np.asarray(sin_bound), np.asarray(exact)
     estimate = rel / np.linalg.norm(rel, axis=-1, keepdims=True)
     angle = 2 * np.arcsin(np.clip(np.linalg.norm(exact - estimate, axis=-1) / 2, 0, 1))
@@ -61,14 +68,14 @@ def test_track_bound_holds(survey):
     kbo = np.arange(len(orbits)) < 3000
     assert np.degrees(bound[:, kbo]).max() * 60 < 5
     assert informative[:, : 4000].all()
-    assert np.abs(im.exposure_dt_day).max() <= search.NODE_SPACING_DAY / 2
+    assert np.abs(im.exposure_dt_day).max() <= NODE_SPACING_DAY / 2
 
 
 def test_cull_prunes_most_pairs(survey):
     """The cull keeps few (exposure, orbit) pairs, and the lookup grid few images per pair."""
-    orbits = random_orbits("kbo", 5000, seed=6)
+    orbits = population("kbo", np.arange(5000), seed=6)
     im = prepare_images(survey)
-    e, o = search._cull_pairs(orbit_arrays(orbits), im, 64 << 20)
+    e, o = _cull_pairs(orbit_arrays(orbits), im, 64 << 20)
     kept = len(e) / (im.n_exposures * len(orbits))
     assert 0 < kept < 0.05
     assert im.cell_slots.shape[-1] <= 4  # a cell of the 8 x 8 mosaic meets at most 4 quadrants

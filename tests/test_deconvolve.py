@@ -1,17 +1,30 @@
 """Space-variant PSF deconvolution: operators, solver behaviour, and agreement with ModOpt."""
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
 from scipy.ndimage import convolve1d
 from scipy.signal import fftconvolve
 
+from skystack.deconvolve.metrics import ellipticity, mad_sigma, nmse
+from skystack.deconvolve.operators import (
+    convolve,
+    correlate,
+    lipschitz_constants,
+    psf_spectra,
+    rotate_psfs,
+    starlet_adjoint,
+    starlet_norm_sq,
+    starlet_transform,
+)
+from skystack.deconvolve.solvers import band_weights, deconvolve_stack, step_sizes
+from skystack.deconvolve.stamps import load_stack, load_stamps_and_psfs
+from skystack.sim.stacks import simulate_truth_stack
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from skystack import deconvolve as dc  # noqa: E402
-from skystack._jax import jnp  # noqa: E402
 
 DATA = str(SHARED_DATA / "deconv")
 STAMPS_NPY = os.path.join(DATA, "example_image_stack.npy")
@@ -22,12 +35,12 @@ needs_data = pytest.mark.skipif(not os.path.exists(STAMPS_NPY), reason="example 
 @pytest.fixture(scope="module")
 def sim():
     """20 simulated galaxies with 20 distinct PSFs: truth, observed, psfs, sigma."""
-    return dc.simulate_truth_stack(20, size=41, seed=3, noise_sigma=5e-4)
+    return simulate_truth_stack(20, size=41, seed=3, noise_sigma=5e-4)
 
 
 @pytest.fixture(scope="module")
 def real():
-    return dc.load_stamps_and_psfs(STAMPS_NPY, PSFS_NPY)
+    return load_stamps_and_psfs(STAMPS_NPY, PSFS_NPY)
 
 
 # --------------------------------------------------------------------------- operators
@@ -35,15 +48,15 @@ def test_starlet_adjoint_dot_product():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 33, 29))
     y = rng.standard_normal((2, 4, 33, 29))
-    lhs = float(jnp.vdot(dc.starlet_transform(x, 5), y))
-    rhs = float(jnp.vdot(x, dc.starlet_adjoint(y)))
+    lhs = float(jnp.vdot(starlet_transform(x, 5), y))
+    rhs = float(jnp.vdot(x, starlet_adjoint(y)))
     assert lhs == pytest.approx(rhs, rel=1e-12)
 
 
 def test_starlet_sums_to_image_and_matches_filter_bank():
     rng = np.random.default_rng(1)
     img = rng.standard_normal((41, 41))
-    bands = np.asarray(dc.starlet_transform(img, 4, coarse=True))
+    bands = np.asarray(starlet_transform(img, 4, coarse=True))
     assert bands.shape == (4, 41, 41)
     np.testing.assert_allclose(bands.sum(axis=0), img, atol=1e-12)
     # independent construction: a trous B3 smoothing with scipy, zero outside
@@ -61,10 +74,10 @@ def test_convolution_matches_scipy_and_adjoint():
     x = rng.standard_normal((3, 41, 41))
     r = rng.standard_normal((3, 41, 41))
     psfs = rng.random((3, 41, 41))
-    spec = dc.psf_spectra(psfs, (41, 41), dtype="float64")
-    hx = np.asarray(dc.convolve(jnp.asarray(x), spec))
+    spec = psf_spectra(psfs, (41, 41), dtype="float64")
+    hx = np.asarray(convolve(jnp.asarray(x), spec))
     np.testing.assert_allclose(hx, fftconvolve(x, psfs, mode="same", axes=(-2, -1)), atol=1e-10)
-    hr = np.asarray(dc.correlate(jnp.asarray(r), spec))
+    hr = np.asarray(correlate(jnp.asarray(r), spec))
     # the transpose is convolution with each PSF rotated on its own axes
     rot = np.stack([np.rot90(p, 2) for p in psfs])
     np.testing.assert_allclose(hr, fftconvolve(r, rot, mode="same", axes=(-2, -1)), atol=1e-10)
@@ -76,20 +89,20 @@ def test_psf_rotation_is_per_stamp():
     # distinct, asymmetric PSFs: whole-stack rotation would reverse and mix them up
     psfs = rng.random((4, 15, 15)) * np.linspace(0.2, 3, 4)[:, None, None]
     psfs[:, :5, :] *= 3
-    rot = dc.rotate_psfs(psfs)
+    rot = rotate_psfs(psfs)
     for i in range(4):
         np.testing.assert_array_equal(rot[i], psfs[i, ::-1, ::-1])
     assert not np.allclose(rot, np.rot90(psfs, 2))
 
     sigma = np.array([1.0, 2.0, 3.0, 4.0])
-    w = dc.band_weights(psfs, sigma)
+    w = band_weights(psfs, sigma)
     for i in range(4):
         # the same weights as a one-stamp stack, and as the definition on PSF i alone
-        np.testing.assert_allclose(w[i], dc.band_weights(psfs[i:i + 1], sigma[i:i + 1])[0], rtol=1e-12)
+        np.testing.assert_allclose(w[i], band_weights(psfs[i:i + 1], sigma[i:i + 1])[0], rtol=1e-12)
         canvas = np.pad(np.rot90(psfs[i], 2), 14)
-        norms = np.sqrt((np.asarray(dc.starlet_transform(canvas, 4)) ** 2).sum(axis=(-2, -1)))
+        norms = np.sqrt((np.asarray(starlet_transform(canvas, 4)) ** 2).sum(axis=(-2, -1)))
         np.testing.assert_allclose(w[i], np.array([3, 3, 4]) * sigma[i] * norms, rtol=1e-10)
-    wrong = dc.band_weights(np.rot90(psfs, 2, axes=(0, 1)), sigma)
+    wrong = band_weights(np.rot90(psfs, 2, axes=(0, 1)), sigma)
     assert not np.allclose(w, wrong)
 
 
@@ -97,23 +110,23 @@ def test_load_stack_errors(tmp_path):
     bad = tmp_path / "flat.npy"
     np.save(bad, np.zeros((41, 41)))
     with pytest.raises(ValueError, match="flat.npy"):
-        dc.load_stack(bad)
+        load_stack(bad)
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
     np.save(a, np.zeros((3, 41, 41)))
     np.save(b, np.zeros((2, 41, 41)))
     with pytest.raises(ValueError, match="b.npy"):
-        dc.load_stamps_and_psfs(a, b)
+        load_stamps_and_psfs(a, b)
     from astropy.io import fits
 
     f = tmp_path / "cube.fits"
     fits.writeto(f, np.ones((2, 5, 5), np.float32))
-    assert dc.load_stack(f).shape == (2, 5, 5)
+    assert load_stack(f).shape == (2, 5, 5)
 
 
 def test_ellipticity_of_sheared_gaussian():
     yy, xx = np.mgrid[:41, :41] - 20.0
     img = np.exp(-0.5 * ((xx / 4.0) ** 2 + (yy / 2.0) ** 2))
-    e1, e2 = dc.ellipticity(img[None])
+    e1, e2 = ellipticity(img[None])
     assert e1[0] == pytest.approx((16 - 4) / (16 + 4), abs=1e-3)
     assert e2[0] == pytest.approx(0.0, abs=1e-6)
 
@@ -121,30 +134,30 @@ def test_ellipticity_of_sheared_gaussian():
 # --------------------------------------------------------------------------- solver
 def test_solver_on_simulated_galaxies(sim):
     truth, observed, psfs, sigma = sim
-    x, diag = dc.deconvolve_stack(observed, psfs, sigma, batch_size=32)
+    x, diag = deconvolve_stack(observed, psfs, sigma, batch_size=32)
     assert x.dtype == np.float32 and x.shape == observed.shape
     assert list(diag.columns[:4]) == ["stamp", "iterations", "cost", "converged"]
     assert x.min() >= 0
     # the cost at the solution is well below the cost at X = observed
-    w = dc.band_weights(psfs, sigma)
-    spec = dc.psf_spectra(psfs, (41, 41), dtype="float64")
+    w = band_weights(psfs, sigma)
+    spec = psf_spectra(psfs, (41, 41), dtype="float64")
 
     def cost(xx, weights):
-        hx = np.asarray(dc.convolve(jnp.asarray(xx, jnp.float64), spec))
-        phi = np.asarray(dc.starlet_transform(jnp.asarray(xx, jnp.float64), 4))
+        hx = np.asarray(convolve(jnp.asarray(xx, jnp.float64), spec))
+        phi = np.asarray(starlet_transform(jnp.asarray(xx, jnp.float64), 4))
         return 0.5 * ((observed - hx) ** 2).sum((1, 2)) + np.abs(weights[:, :, None, None] * phi).sum((1, 2, 3))
 
     ratio = cost(x, w) / cost(observed, w)
     # the noise floor (about 0.5 n_px sigma^2) is a large part of both costs
     assert np.all(ratio < 0.9) and np.median(ratio) < 0.7, ratio
     assert diag["converged"].mean() >= 0.9
-    nmse_obs = np.median(dc.nmse(observed, truth))
-    nmse_dec = np.median(dc.nmse(x, truth))
+    nmse_obs = np.median(nmse(observed, truth))
+    nmse_dec = np.median(nmse(x, truth))
     assert nmse_dec < 0.6 * nmse_obs, (nmse_dec, nmse_obs)
     # shapes survive: deconvolved ellipticities are closer to the truth than observed ones
-    e_true = np.stack(dc.ellipticity(truth))
-    err_dec = np.abs(np.stack(dc.ellipticity(x)) - e_true).mean()
-    err_obs = np.abs(np.stack(dc.ellipticity(observed)) - e_true).mean()
+    e_true = np.stack(ellipticity(truth))
+    err_dec = np.abs(np.stack(ellipticity(x)) - e_true).mean()
+    err_obs = np.abs(np.stack(ellipticity(observed)) - e_true).mean()
     assert err_dec < err_obs
 
 
@@ -152,41 +165,41 @@ def test_cost_decreases_and_frozen_stamps(sim):
     truth, observed, psfs, sigma = sim
     costs = []
     for k in (5, 20, 80):
-        _, diag = dc.deconvolve_stack(observed[:8], psfs[:8], sigma[:8], tol=0, max_iter=k, n_reweights=0,
+        _, diag = deconvolve_stack(observed[:8], psfs[:8], sigma[:8], tol=0, max_iter=k, n_reweights=0,
                                       batch_size=32)
         costs.append(diag["cost"].to_numpy())
         assert (diag["iterations"] == k).all()
     assert np.all(costs[1] < costs[0]) and np.all(costs[2] <= costs[1] * (1 + 1e-5))
     # a loose tolerance stops stamps early, each at its own iteration
-    _, diag = dc.deconvolve_stack(observed[:8], psfs[:8], sigma[:8], tol=1e-2, n_reweights=0, batch_size=32)
+    _, diag = deconvolve_stack(observed[:8], psfs[:8], sigma[:8], tol=1e-2, n_reweights=0, batch_size=32)
     assert diag["converged"].all() and diag["iterations"].max() < 300
 
 
 def test_float64_matches_float32(sim):
     truth, observed, psfs, sigma = sim
     kw = dict(tol=0, max_iter=40, n_reweights=0, batch_size=32)
-    x32, _ = dc.deconvolve_stack(observed[:4], psfs[:4], sigma[:4], **kw)
-    x64, _ = dc.deconvolve_stack(observed[:4], psfs[:4], sigma[:4], dtype="float64", **kw)
+    x32, _ = deconvolve_stack(observed[:4], psfs[:4], sigma[:4], **kw)
+    x64, _ = deconvolve_stack(observed[:4], psfs[:4], sigma[:4], dtype="float64", **kw)
     assert x64.dtype == np.float64
     assert np.linalg.norm(x32 - x64) / np.linalg.norm(x64) < 1e-4
 
 
 def test_lowrank_mode(sim):
     truth, observed, psfs, sigma = sim
-    x, diag = dc.deconvolve_stack(observed, psfs, sigma, mode="lowrank", max_iter=150)
+    x, diag = deconvolve_stack(observed, psfs, sigma, mode="lowrank", max_iter=150)
     assert x.min() >= 0
-    assert np.median(dc.nmse(x, truth)) < np.median(dc.nmse(observed, truth))
+    assert np.median(nmse(x, truth)) < np.median(nmse(observed, truth))
     assert diag["iterations"].nunique() == 1
 
 
 def test_bad_input_messages(sim):
     truth, observed, psfs, sigma = sim
     with pytest.raises(ValueError, match="PSF i must belong to stamp i"):
-        dc.deconvolve_stack(observed[:3], psfs[:2])
+        deconvolve_stack(observed[:3], psfs[:2])
     with pytest.raises(ValueError, match="non-finite"):
         bad = observed[:2].copy()
         bad[0, 0, 0] = np.nan
-        dc.deconvolve_stack(bad, psfs[:2])
+        deconvolve_stack(bad, psfs[:2])
 
 
 # --------------------------------------------------------------------------- real data
@@ -235,28 +248,28 @@ def _modopt_condat(observed, psfs, weights, tau, sigma, rho, n_iter, n_reweights
 def test_matches_modopt_on_real_stamps(real):
     stamps, psfs = real
     obs, psf = stamps[:5].astype(np.float64), psfs[:5].astype(np.float64)
-    sigma = dc.mad_sigma(obs)
-    w = dc.band_weights(psf, sigma)
+    sigma = mad_sigma(obs)
+    w = band_weights(psf, sigma)
     weights = np.broadcast_to(w[:, :, None, None], (5, 3, 41, 41)).copy()
-    spec = dc.psf_spectra(psf, (41, 41), dtype="float64")
-    tau_each, _ = dc.step_sizes(np.asarray(dc.lipschitz_constants(spec)), dc.starlet_norm_sq((41, 41)) * 1.02)
+    spec = psf_spectra(psf, (41, 41), dtype="float64")
+    tau_each, _ = step_sizes(np.asarray(lipschitz_constants(spec)), starlet_norm_sq((41, 41)) * 1.02)
     tau = float(tau_each.min())  # ModOpt takes one step for the stack
     n_iter, rho, sig = 60, 0.8, 0.5
     ref = _modopt_condat(obs, psf, weights, tau, sig, rho, n_iter, 1)
     kw = dict(tol=0, max_iter=n_iter, n_reweights=1, rho=rho, dual_step=sig, primal_step=tau, batch_size=32)
-    x64, diag = dc.deconvolve_stack(obs, psf, sigma, dtype="float64", **kw)
+    x64, diag = deconvolve_stack(obs, psf, sigma, dtype="float64", **kw)
     assert (diag["iterations"] == 2 * n_iter).all()
     assert np.linalg.norm(x64 - ref) / np.linalg.norm(ref) < 1e-8
-    x32, _ = dc.deconvolve_stack(obs, psf, sigma, **kw)
+    x32, _ = deconvolve_stack(obs, psf, sigma, **kw)
     assert np.linalg.norm(x32 - ref) / np.linalg.norm(ref) < 1e-3
-    assert np.median(dc.nmse(x32, ref)) < 1e-5
+    assert np.median(nmse(x32, ref)) < 1e-5
 
 
 @needs_data
 def test_real_example_stack_converges(real):
     stamps, psfs = real
     assert stamps.shape == (100, 41, 41) and psfs.shape == (100, 41, 41)
-    x, diag = dc.deconvolve_stack(stamps, psfs, batch_size=128)
+    x, diag = deconvolve_stack(stamps, psfs, batch_size=128)
     assert x.min() >= 0 and np.all(np.isfinite(x))
     assert diag["converged"].mean() >= 0.8
     assert np.all(diag["noise_sigma"].between(1e-4, 1e-3))   # README: sigma about 3e-4

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from skystack import ephemeris
+from skystack.astrometry import ephemeris
 
 pytestmark = pytest.mark.filterwarnings("ignore:The file finals2000A.all has expired")
 pytest.importorskip("skyfield")

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from astropy.wcs import WCS, Sip
 
-from skystack import reference
-from skystack.search import batch_shape, intersect, prepare_images, sky_positions
+from skystack.astrometry.directions import sky_positions
+from skystack.search.intersect import batch_shape, intersect, prepare_images
+from skystack.testing import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:The file finals2000A.all has expired")
 skyfield_api = pytest.importorskip("skyfield.api")

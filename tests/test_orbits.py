@@ -1,18 +1,26 @@
 """Orbit tables, sources and Kepler propagation."""
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 
-from conftest import SHARED_DATA
-
-from skystack import orbits as O
-from skystack.search import sky_positions
+from skystack.astrometry.directions import sky_positions
+from skystack.astrometry.kepler import ecliptic_to_icrs_matrix, propagate, solve_kepler
+from skystack.core.units import GAUSS_K
+from skystack.orbits.grid import grid_around
+from skystack.orbits.population import population
+from skystack.orbits.table import (
+    ELEMENT_COLUMNS,
+    ORBIT_COLUMNS,
+    load_known_objects,
+    load_orbits,
+    validate_orbits,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The file finals2000A.all has expired")
-KNOWN = SHARED_DATA / "orbits" / "known_objects.csv"
+KNOWN = REPO / "resources" / "known_objects.csv"  # the repository's own copy
 
 
 def table(**overrides):
@@ -39,20 +47,20 @@ def skyfield_orbit(row, ts):
 # ----------------------------------------------------------------------------- propagation
 def test_circular_orbit_keeps_radius_and_period():
     df = table(e=[0.0] * 3, inc_deg=[0.0, 45.0, 170.0])
-    period_d = 2 * np.pi / (O.GAUSS_K / df["a_au"].to_numpy() ** 1.5)
+    period_d = 2 * np.pi / (GAUSS_K / df["a_au"].to_numpy() ** 1.5)
     jd = 2451545.0 + np.linspace(-40000, 40000, 201)
-    pos = O.propagate(df, jd)
+    pos = propagate(df, jd)
     assert pos.shape == (201, 3, 3)
     np.testing.assert_allclose(np.linalg.norm(pos, axis=-1), np.broadcast_to(df["a_au"].to_numpy(), (201, 3)), rtol=1e-13)
     for i in range(3):
-        back = O.propagate(df.iloc[[i]], 2451545.0 + np.array([0.0, period_d[i]]))
+        back = propagate(df.iloc[[i]], 2451545.0 + np.array([0.0, period_d[i]]))
         np.testing.assert_allclose(back[1], back[0], atol=1e-9 * df["a_au"].iloc[i])
 
 
 def test_kepler_equation_residual():
     m = np.linspace(-50.0, 50.0, 20001)
     for e in (0.0, 0.1, 0.5, 0.9, 0.99, 0.999):
-        ecc = np.asarray(O.solve_kepler(m, np.full_like(m, e)))
+        ecc = np.asarray(solve_kepler(m, np.full_like(m, e)))
         resid = ecc - e * np.sin(ecc) - m
         resid = (resid + np.pi) % (2 * np.pi) - np.pi
         assert np.abs(resid).max() < 1e-13, e
@@ -62,7 +70,7 @@ def test_orbit_plane_and_energy():
     """Positions stay in the plane of the elements, and r ranges over [q, Q]."""
     df = table()
     jd = 2451545.0 + np.linspace(0, 60000, 3001)
-    pos = O.propagate(df, jd)
+    pos = propagate(df, jd)
     r = np.linalg.norm(pos, axis=-1)
     a, e = df["a_au"].to_numpy(), df["e"].to_numpy()
     assert np.all(r >= a * (1 - e) * (1 - 1e-12)) and np.all(r <= a * (1 + e) * (1 + 1e-12))
@@ -70,7 +78,7 @@ def test_orbit_plane_and_energy():
     normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
     assert np.abs(np.einsum("tnk,nk->tn", pos, normal)).max() < 1e-10
     # The normal's inclination to the ecliptic pole is the element's inclination.
-    pole = O.ecliptic_to_icrs_matrix() @ np.array([0.0, 0.0, 1.0])
+    pole = ecliptic_to_icrs_matrix() @ np.array([0.0, 0.0, 1.0])
     np.testing.assert_allclose(np.degrees(np.arccos(normal @ pole)), df["inc_deg"], atol=1e-9)
 
 
@@ -80,7 +88,7 @@ def test_heliocentric_positions_match_skyfield():
     ts = load.timescale(builtin=True)
     df = table()
     jd = np.array([2440000.5, 2451545.0, 2458849.5, 2466000.5])
-    pos = O.propagate(df, jd)
+    pos = propagate(df, jd)
     for i, row in df.iterrows():
         ref = skyfield_orbit(row, ts).at(ts.tdb_jd(jd)).position.au.T
         # skyfield counts time in TT, we in TDB (< 2 ms apart): metres, 1e-12 rad at 40 AU.
@@ -93,7 +101,7 @@ def test_chiron_geocentric_direction_matches_skyfield():
 
     planets = load_file(os.path.join(get_skyfield_data_path(), "de421.bsp"))
     ts = load.timescale(builtin=True)
-    known = O.load_known_objects(KNOWN)
+    known = load_known_objects(KNOWN)
     chiron = known[known["name"] == "2060 Chiron"]
     jd = np.array([2451544.5, 2455000.5, 2458849.5, 2461000.5])
     ra, dec = sky_positions(chiron, jd)
@@ -119,56 +127,75 @@ def test_chiron_geocentric_direction_matches_skyfield():
 ])
 def test_validation_names_source_row_and_problem(edit, message):
     with pytest.raises(ValueError, match=f"^my_orbits.csv: {message}"):
-        O.validate_orbits(table(**edit), source="my_orbits.csv")
+        validate_orbits(table(**edit), source="my_orbits.csv")
 
 
 def test_validation_missing_column_and_types():
     with pytest.raises(ValueError, match="src: missing orbit column.*epoch_jd_tdb"):
-        O.validate_orbits(table().drop(columns="epoch_jd_tdb"), source="src")
+        validate_orbits(table().drop(columns="epoch_jd_tdb"), source="src")
     with pytest.raises(ValueError, match="src: row 1: orbit_id 'x' is not an integer"):
-        O.validate_orbits(table(orbit_id=[1, "x", 3]), source="src")
-    out = O.validate_orbits(table(orbit_id=[1.0, 2.0, 3.0]).assign(name=["a", "b", "c"]))
+        validate_orbits(table(orbit_id=[1, "x", 3]), source="src")
+    out = validate_orbits(table(orbit_id=[1.0, 2.0, 3.0]).assign(name=["a", "b", "c"]))
     assert out["orbit_id"].dtype == np.int64 and list(out["name"]) == ["a", "b", "c"]
 
 
 # ----------------------------------------------------------------------------- sources
 @pytest.mark.parametrize("preset", ["kbo", "centaur"])
-def test_random_orbits_chunks_rebuild_alone(preset):
-    a = O.random_orbits(preset, 500, seed=11, chunk=3)
-    b = O.random_orbits(preset, 500, seed=11, chunk=3)
-    pd.testing.assert_frame_equal(a, b)
-    assert a["orbit_id"].tolist() == list(range(1500, 2000))
-    other = O.random_orbits(preset, 500, seed=11, chunk=4)
-    assert other["orbit_id"].min() == 2000 and not np.allclose(other["a_au"], a["a_au"])
-    assert not np.allclose(O.random_orbits(preset, 500, seed=12, chunk=3)["a_au"], a["a_au"])
-    lo, hi, e_hi = (30, 60, 0.25) if preset == "kbo" else (5, 30, 0.5)
-    assert a["a_au"].between(lo, hi).all() and a["e"].between(0, e_hi).all()
-    assert a["inc_deg"].between(0, 60).all() and 3 < a["inc_deg"].median() < 15
+def test_population_rebuilds_any_orbit_from_its_id_alone(preset):
+    a = population(preset, np.arange(1500, 2000), seed=11)
+    whole = population(preset, np.arange(1000, 2500), seed=11)
+    pd.testing.assert_frame_equal(a, whole.iloc[500:1000].reset_index(drop=True))
+    scattered = population(preset, np.array([1999, 1500, 1700]), seed=11)
+    pd.testing.assert_frame_equal(scattered, a.set_index("orbit_id").loc[[1999, 1500, 1700]].reset_index())
+    assert not np.allclose(population(preset, np.arange(1500, 2000), seed=12)["a_au"], a["a_au"])
 
 
-def test_focused_orbits_stay_near_the_reference():
-    ref = O.load_known_objects(KNOWN).iloc[0]
-    sigma = {"a_frac": 1e-3, "mean_anomaly_deg": 0.1, "inc_deg": 0.05}
-    df = O.random_orbits("focused", 2000, seed=1, chunk=0, reference=ref, sigma=sigma)
-    assert abs(df["a_au"].std() / ref["a_au"] - 1e-3) < 1e-4
-    assert abs(df["mean_anomaly_deg"].std() - 0.1) < 0.01
+@pytest.mark.parametrize("preset, a_range, e_max, inc_scale", [("kbo", (30, 60), 0.25, 6.0),
+                                                                ("centaur", (5, 30), 0.5, 10.0)])
+def test_population_element_distributions(preset, a_range, e_max, inc_scale):
+    """Kolmogorov-Smirnov against the documented distributions (scipy's, not ours)."""
+    from scipy import stats
+
+    df = population(preset, np.arange(20000), seed=5)
+    assert stats.kstest(df["a_au"], stats.uniform(a_range[0], a_range[1] - a_range[0]).cdf).pvalue > 1e-3
+    assert stats.kstest(df["e"], stats.uniform(0, e_max).cdf).pvalue > 1e-3
+    capped = df["inc_deg"] < 60.0  # Rayleigh, capped at 60 deg
+    assert stats.kstest(df.loc[capped, "inc_deg"], lambda x: stats.rayleigh(scale=inc_scale).cdf(x)
+                        / stats.rayleigh(scale=inc_scale).cdf(60.0)).pvalue > 1e-3
+    for col in ("node_deg", "argperi_deg", "mean_anomaly_deg"):
+        assert stats.kstest(df[col], stats.uniform(0, 360).cdf).pvalue > 1e-3, col
+    assert (df["epoch_jd_tdb"] == 2451545.0).all()
+
+
+def test_focused_population_stays_near_the_reference():
+    ref = load_known_objects(KNOWN).iloc[0]
+    sigma = {"a_frac": 1e-3, "mean_anomaly_deg": 0.1, "inc_deg": 0.05, "node_deg": 0.0}
+    df = population("focused", np.arange(4000), seed=1, reference=ref, sigma=sigma)
+    assert abs(df["a_au"].std() / ref["a_au"] - 1e-3) < 5e-5
+    assert abs(df["mean_anomaly_deg"].std() - 0.1) < 0.005
+    assert abs(df["inc_deg"].std() - 0.05) < 0.0025
+    assert abs(df["a_au"].mean() / ref["a_au"] - 1) < 1e-4
     assert (df["e"] == ref["e"]).all() and (df["node_deg"] == ref["node_deg"]).all()
+    wide_e = population("focused", np.arange(4000), seed=1, reference=ref | {"e": 0.01}, sigma={"e": 0.05})
+    assert wide_e["e"].between(0, 1).all() and wide_e["e"].min() < 0.005  # reflected at 0, not clipped
     with pytest.raises(ValueError, match="needs reference"):
-        O.random_orbits("focused", 10, seed=1)
-    with pytest.raises(ValueError, match="unknown preset 'tno'"):
-        O.random_orbits("tno", 10, seed=1)
+        population("focused", np.arange(10), seed=1)
+    with pytest.raises(ValueError, match="unknown width"):
+        population("focused", np.arange(10), seed=1, reference=ref, sigma={"ecc": 0.1})
+    with pytest.raises(ValueError, match="unknown orbit preset 'tno'"):
+        population("tno", np.arange(10), seed=1)
 
 
 def test_grid_around_chiron():
-    chiron = O.load_known_objects(KNOWN).set_index("name").loc["2060 Chiron"].rename("2060 Chiron")
-    grid = O.grid_around(chiron.to_dict() | {"name": "2060 Chiron"}, np.linspace(-0.01, 0.01, 5), start_id=10)
+    chiron = load_known_objects(KNOWN).set_index("name").loc["2060 Chiron"].rename("2060 Chiron")
+    grid = grid_around(chiron.to_dict() | {"name": "2060 Chiron"}, np.linspace(-0.01, 0.01, 5), start_id=10)
     assert grid["orbit_id"].tolist() == list(range(10, 15))
     np.testing.assert_allclose(grid["a_au"], chiron["a_au"] * (1 + np.linspace(-0.01, 0.01, 5)))
     assert (grid["e"] == chiron["e"]).all() and grid["name"].iloc[0].startswith("2060 Chiron a-0.01")
-    two = O.grid_around(chiron.to_dict(), [0.0, 0.001], mean_anomaly_deg=[-0.5, 0.0, 0.5], name="C")
+    two = grid_around(chiron.to_dict(), [0.0, 0.001], mean_anomaly_deg=[-0.5, 0.0, 0.5], name="C")
     assert len(two) == 6 and two["mean_anomaly_deg"].nunique() == 3
     with pytest.raises(ValueError, match="cannot offset"):
-        O.grid_around(chiron.to_dict(), [0.0], epoch_jd_tdb=[1.0])
+        grid_around(chiron.to_dict(), [0.0], epoch_jd_tdb=[1.0])
 
 
 def test_load_orbits_csv_and_parquet(tmp_path):
@@ -176,19 +203,19 @@ def test_load_orbits_csv_and_parquet(tmp_path):
     df.to_csv(tmp_path / "o.csv", index=False)
     df.to_parquet(tmp_path / "o.parquet", index=False)
     for name in ("o.csv", "o.parquet"):
-        got = O.load_orbits(tmp_path / name)
-        pd.testing.assert_frame_equal(got[O.ORBIT_COLUMNS], O.validate_orbits(df)[O.ORBIT_COLUMNS])
+        got = load_orbits(tmp_path / name)
+        pd.testing.assert_frame_equal(got[ORBIT_COLUMNS], validate_orbits(df)[ORBIT_COLUMNS])
     df.drop(columns="orbit_id").to_csv(tmp_path / "noid.csv", index=False)
-    assert O.load_orbits(tmp_path / "noid.csv")["orbit_id"].tolist() == [0, 1, 2]
+    assert load_orbits(tmp_path / "noid.csv")["orbit_id"].tolist() == [0, 1, 2]
     table(e=[0.1, 2.0, 0.1]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match=f"{tmp_path / 'bad.csv'}: orbit_id 2: e = 2.0"):
-        O.load_orbits(tmp_path / "bad.csv")
+        load_orbits(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="unknown orbit file type"):
-        O.load_orbits(tmp_path / "o.fits")
+        load_orbits(tmp_path / "o.fits")
 
 
 def test_load_known_objects():
-    known = O.load_known_objects(KNOWN)
+    known = load_known_objects(KNOWN)
     assert {"2060 Chiron", "486958 Arrokoth"} <= set(known["name"])
     assert known["orbit_id"].tolist() == list(range(len(known)))
-    assert known[O.ELEMENT_COLUMNS].dtypes.eq(np.float64).all()
+    assert known[ELEMENT_COLUMNS].dtypes.eq(np.float64).all()

@@ -6,7 +6,6 @@ import time
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, SNAKEMAKE, TINY, assert_same_table, run_snakemake
 
 SEARCH_TABLES = ["detections.parquet", "search/all_orbits.parquet"]

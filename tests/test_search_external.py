@@ -2,7 +2,6 @@
 import numpy as np
 import pandas as pd
 import yaml
-
 from conftest import TINY, run_snakemake
 
 

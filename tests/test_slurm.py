@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import yaml
 from astropy.io import fits
-
 from conftest import assert_same_table
-
 from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
     FAST_POLLING,
     REPO,

@@ -5,9 +5,16 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from skystack.stamps import (META_COLUMNS, centred_psf, cut_stamps, external_stacks, galaxies_from_catalog,
-                             galaxies_from_truth, merge_shards, place_galaxies, shard_bounds)
-from skystack.survey import index_images
+from skystack.deconvolve.stage import external_stacks, merge_shards, shard_bounds
+from skystack.deconvolve.stamps import (
+    META_COLUMNS,
+    centred_psf,
+    cut_stamps,
+    galaxies_from_catalog,
+    galaxies_from_truth,
+    place_galaxies,
+)
+from skystack.survey.index import index_images
 
 SITE = {"lat_deg": 33.3563, "lon_deg": -116.8650, "height_m": 1712.0}
 NX, NY = 161, 141

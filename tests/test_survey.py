@@ -1,17 +1,18 @@
 """The image index reads the generic header convention (and ZTF's) into correct values."""
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-
-from conftest import SHARED_DATA
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
+from conftest import SHARED_DATA
 
-from skystack.io import IMAGES
-from skystack.survey import BadImageError, assign_partitions, index_images, psf_sigma_from_image, read_pixels
+from skystack.core.io import IMAGES
+from skystack.survey.headers import BadImageError
+from skystack.survey.index import index_images
+from skystack.survey.partitions import assign_partitions
+from skystack.survey.pixels import psf_sigma_from_image, read_pixels
 
 SHARED = SHARED_DATA
 PALOMAR = {"lat_deg": 33.3563, "lon_deg": -116.8650, "height_m": 1712.0}
@@ -60,8 +61,8 @@ def test_generic_convention(tmp_path, noise_image):
 
 
 def test_obsgeo_xyz_seeing_and_mjd_avg(tmp_path, noise_image):
-    from astropy.coordinates import EarthLocation
     import astropy.units as u
+    from astropy.coordinates import EarthLocation
 
     loc = EarthLocation.from_geodetic(PALOMAR["lon_deg"] * u.deg, PALOMAR["lat_deg"] * u.deg, PALOMAR["height_m"] * u.m)
     p = write(tmp_path / "b.fits", noise_image, {

@@ -3,7 +3,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skystack.tracking import SIGMA_G_PER_IQR, combine_partials, matched_filter, merge_duplicates
+from skystack.core.units import SIGMA_G_PER_IQR
+from skystack.search.combine import combine_partials
+from skystack.search.filters import merge_duplicates
+from skystack.search.matched_filter import matched_filter
 
 
 def sigma_g_keep(flux: np.ndarray, n_sigma: float) -> np.ndarray:

@@ -8,12 +8,12 @@ import pytest
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
+from conftest import REPO, run_snakemake
 from scipy.stats import norm
 
-from conftest import REPO, run_snakemake
-from skystack.cache import TileCache
-from skystack.config import load_config
-from skystack.summary import summarize
+from skystack.core.config import load_config
+from skystack.report.summary import summarize
+from skystack.survey.cache import TileCache
 
 RULES = ["simulate_survey", "index_survey", "plan_orbits", "build_tile_cache_0", "build_tile_cache_1",
          "search_shard_0_0", "combine_chunk_0", "merge_detections", "search_report"]

@@ -4,10 +4,11 @@ import pandas as pd
 import pytest
 import yaml
 from astropy.io import fits
-
 from conftest import REPO, SHARED_DATA, run_snakemake
-from skystack.deconvolve import deconvolve_stack, load_stamps_and_psfs
-from skystack.stamps import DIAG_COLUMNS, deconvolve_shard
+
+from skystack.deconvolve.solvers import deconvolve_stack
+from skystack.deconvolve.stage import deconvolve_shard
+from skystack.deconvolve.stamps import DIAG_COLUMNS, load_stamps_and_psfs
 
 STAMPS = SHARED_DATA / "deconv" / "example_image_stack.npy"
 PSFS = SHARED_DATA / "deconv" / "example_psfs.npy"

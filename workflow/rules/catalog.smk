@@ -7,7 +7,9 @@ rule detect_sources:
     output:
         candidates=result("catalog", "candidates.parquet"),
     params:
-        catalog=config["catalog"],
+        source=config["catalog"]["source"],
+        detect_thresh_sigma=config["catalog"]["detect_thresh_sigma"],
+        match_radius_arcsec=config["catalog"]["match_radius_arcsec"],
     conda:
         CONDA_ENV
     log:
@@ -25,7 +27,7 @@ checkpoint plan_regions:
         regions=result("catalog", "regions.parquet"),
         plan=result("catalog", "regions.json"),
     params:
-        catalog=config["catalog"],
+        max_sources_per_region=config["catalog"]["max_sources_per_region"],
     conda:
         CONDA_ENV
     log:
@@ -43,9 +45,13 @@ rule fit_region:
     output:
         catalog=result("catalog", "regions", "region_{region}.parquet"),
     params:
-        catalog=config["catalog"],
+        margin_arcsec=config["catalog"]["margin_arcsec"],
+        patch_px=config["catalog"]["patch_px"],
+        tol=config["catalog"]["tol"],
+        max_iter=config["catalog"]["max_iter"],
+        max_images=config["catalog"]["max_images"],
     conda:
-        CONDA_ENV
+        gpu_env("fit_region")
     log:
         log_path("fit_region", "_{region}"),
     benchmark:
@@ -60,10 +66,7 @@ rule merge_catalog:
     output:
         catalog=result("catalog.parquet"),
         fits=result("catalog.fits"),
-        stars=result("catalog", "star_mask.parquet"),
         figure=report(result("catalog", "uncertainties.png"), caption="../report/catalog.rst", category="Catalog"),
-    params:
-        search=config["search"],
     conda:
         CONDA_ENV
     log:

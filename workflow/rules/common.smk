@@ -4,17 +4,31 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
+from skystack.core.config import SCHEMA_PATH
+
+validate(config, schema=str(SCHEMA_PATH))
 
 EXPERIMENT = config["experiment"]
 RESULTS = Path(config["results_dir"]) / EXPERIMENT
 CACHE = Path(config["cache_dir"]) / EXPERIMENT
 PARTITIONS = list(range(config["partitions"]))
-CONDA_ENV = "../../envs/cpu.yaml"  # relative to the rule files; envs/cuda.yaml on GPU nodes
+CONDA_ENV = "../../envs/cpu.yaml"  # relative to the rule files
+CUDA_ENV = "../../envs/cuda.yaml"
 KNOWN_OBJECTS = str(Path(workflow.basedir) / "resources" / "known_objects.csv")
 DECONV = config["deconvolve"]
 # Low-rank deconvolution couples all stamps: one shard.
 DECONV_SHARDS = list(range(1 if DECONV["mode"] == "lowrank" else DECONV["shards"]))
+# The settings deconvolve_shard uses (extraction settings rerun extraction only).
+DECONV_SOLVER_KEYS = ("n_scales", "kappa", "n_reweights", "tol", "max_iter", "mode", "dtype")
+
+
+def gpu_env(rule):
+    """The conda environment of a JAX rule: envs/cuda.yaml where the profile gives the rule a
+    GPU (``set-resources: <rule>: gpu: N`` with N > 0, as profiles/slurm does), else the CPU one."""
+    requested = workflow.resource_settings.overwrite_resources.get(rule, {})
+    gpus = requested.get("gpu", 0) if hasattr(requested, "get") else getattr(requested, "gpu", 0)
+    gpus = getattr(gpus, "value", gpus)  # a parsed Resource or a plain number
+    return CUDA_ENV if gpus and int(gpus) > 0 else CONDA_ENV
 
 
 def result(*parts):
@@ -67,7 +81,7 @@ def orbit_plan_inputs(wildcards):
 
 def star_mask_input():
     """The catalog's bright-star mask when the catalog stage runs, else nothing."""
-    return [result("catalog", "star_mask.parquet")] if config.get("catalog", {}).get("enabled", False) else []
+    return [result("search", "star_mask.parquet")] if config["catalog"]["enabled"] else []
 
 
 def combined_chunks(wildcards):
@@ -94,7 +108,7 @@ def combined_candidates(wildcards):
 def catalog_targets():
     if not config["catalog"]["enabled"]:
         return []
-    return [result("catalog.parquet"), result("catalog.fits"), result("catalog", "star_mask.parquet")]
+    return [result("catalog.parquet"), result("catalog.fits")]
 
 
 def candidate_inputs(wildcards):

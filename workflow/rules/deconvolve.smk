@@ -13,7 +13,7 @@ rule extract_stamps:
         psfs=result("deconvolve", "psfs.npy"),
         meta=result("deconvolve", "stamps.parquet"),
     params:
-        deconvolve=DECONV,
+        deconvolve={k: DECONV[k] for k in ("source", "band", "stamp_px", "max_stamps")},
     conda:
         CONDA_ENV
     log:
@@ -33,10 +33,10 @@ rule deconvolve_shard:
         deconvolved=result("deconvolve", "shards", "shard_{shard}.npy"),
         diagnostics=result("deconvolve", "shards", "shard_{shard}.parquet"),
     params:
-        deconvolve=DECONV,
+        deconvolve={k: DECONV[k] for k in DECONV_SOLVER_KEYS},
         n_shards=len(DECONV_SHARDS),
     conda:
-        CONDA_ENV
+        gpu_env("deconvolve_shard")
     log:
         log_path("deconvolve_shard", "_{shard}"),
     benchmark:
@@ -57,7 +57,7 @@ rule merge_deconvolved:
         diagnostics=result("deconvolved", "diagnostics.parquet"),
         figure=report(result("deconvolved", "examples.png"), caption="../report/deconvolve.rst", category="Deconvolution"),
     params:
-        deconvolve=DECONV,
+        mode=DECONV["mode"],
     conda:
         CONDA_ENV
     log:

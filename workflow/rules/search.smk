@@ -29,11 +29,12 @@ rule search_shard:
     output:
         partials=result("search", "partials", "chunk{chunk}_p{partition}.parquet"),
     params:
-        search=config["search"],
-        orbits=config["orbits"],
-        seed=config["seed"],
+        images=config["search"]["images"],
+        smoothing_sigma_px=config["search"]["smoothing_sigma_px"],
+        max_batch_mb=config["search"]["max_batch_mb"],
+        staging_dir=config["search"]["staging_dir"],
     conda:
-        CONDA_ENV
+        gpu_env("search_shard")
     log:
         log_path("search_shard", "_{chunk}_{partition}"),
     benchmark:
@@ -42,6 +43,23 @@ rule search_shard:
         "search"
     script:
         "../scripts/search_shard.py"
+
+
+rule star_mask:
+    input:
+        catalog=result("catalog.parquet"),
+    output:
+        stars=result("search", "star_mask.parquet"),
+    params:
+        star_mask_mag=config["search"]["star_mask_mag"],
+    conda:
+        CONDA_ENV
+    log:
+        log_path("star_mask"),
+    benchmark:
+        bench_path("star_mask")
+    script:
+        "../scripts/star_mask.py"
 
 
 rule combine_chunk:
@@ -53,7 +71,10 @@ rule combine_chunk:
         combined=result("search", "combined", "chunk{chunk}.parquet"),
         candidates=result("search", "combined", "chunk{chunk}_candidates.parquet"),
     params:
-        search=config["search"],
+        sigma_g_clip=config["search"]["sigma_g_clip"],
+        snr_threshold=config["search"]["snr_threshold"],
+        min_images=config["search"]["min_images"],
+        star_mask_radius_arcsec=config["search"]["star_mask_radius_arcsec"],
     conda:
         CONDA_ENV
     log:
@@ -80,9 +101,8 @@ rule merge_detections:
         all_orbits=result("search", "all_orbits.parquet"),
         plots=directory(result("detections")),
     params:
-        search=config["search"],
-        orbits=config["orbits"],
-        seed=config["seed"],
+        snr_threshold=config["search"]["snr_threshold"],
+        min_images=config["search"]["min_images"],
     conda:
         CONDA_ENV
     log:
@@ -100,15 +120,14 @@ rule search_report:
         listed=result("search", "orbits_listed.parquet"),
         plan=result("search", "plan.json"),
         truth=truth_input(),
-        candidates=combined_candidates,
+        candidates_of=combined_chunks,
     output:
         histogram=report(result("report", "snr_histogram.png"), caption="../report/snr_histogram.rst", category="Orbit search"),
         completeness=report(result("report", "completeness.png"), caption="../report/completeness.rst", category="Orbit search"),
         grid=report(result("report", "snr_grid.png"), caption="../report/snr_grid.rst", category="Orbit search"),
         recovered=result("report", "recovered.parquet"),
     params:
-        search=config["search"],
-        orbits=config["orbits"],
+        snr_threshold=config["search"]["snr_threshold"],
     conda:
         CONDA_ENV
     log:

@@ -1,10 +1,9 @@
 from pathlib import Path
 
-from skystack import logs
-from skystack.simulate import simulate_survey
+from skystack.core import logs
+from skystack.sim.survey import simulate_survey
 
-log = logs.setup(snakemake.log[0], "simulate_survey")
-logs.log_device(log)
+log = logs.setup(snakemake.log[0], snakemake.rule)
 out_dir = Path(snakemake.output.orbits).parent
 summary = simulate_survey(snakemake.params.simulate, out_dir, snakemake.input.known_objects, progress=log.info)
 log.info("wrote %d images of %d exposures, %d static sources, %d moving objects to %s",

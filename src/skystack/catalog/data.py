@@ -15,11 +15,9 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from ..wcs import astropy_world2pix_near
-
+from ..astrometry.astropy_wcs import astropy_world2pix_near
+from ..core.units import MAD_TO_SIGMA, NMGY_ZERO_MAG
 from .psf import PsfMixture, fit_psf_image, gaussian_psf
-
-NMGY_ZERO_MAG = 22.5
 
 PsfSpec = Union[float, np.ndarray, Callable]
 
@@ -105,7 +103,7 @@ class ImageData:
             return np.broadcast_to(np.asarray(self.sky_level, np.float32) / self.gain, self.shape)
         finite = self.pixels[np.isfinite(self.pixels)]
         mad = np.median(np.abs(finite - np.median(finite)))
-        return np.full(self.shape, (1.4826 * mad) ** 2, np.float32)
+        return np.full(self.shape, (MAD_TO_SIGMA * mad) ** 2, np.float32)
 
     def psf_at(self, x_px: float, y_px: float) -> PsfMixture:
         """The PSF mixture at a pixel position (cached for a constant PSF)."""
@@ -158,11 +156,3 @@ def pixel_to_sky(wcs: WCS, x_px, y_px):
     """RA and Dec (deg) of 0-based pixel positions."""
     ra, dec = wcs.all_pix2world(np.asarray(x_px, float), np.asarray(y_px, float), 0)
     return np.asarray(ra) % 360.0, np.asarray(dec)
-
-
-def pixel_scale_arcsec(image: ImageData) -> float:
-    """Mean pixel scale (arcsec/px) at the image centre."""
-    ny, nx = image.shape
-    ra, dec = pixel_to_sky(image.wcs, (nx - 1) / 2, (ny - 1) / 2)
-    _, jac = sky_to_pixel_jacobian(image.wcs, ra, dec)
-    return float(1.0 / np.sqrt(abs(np.linalg.det(jac[0]))))

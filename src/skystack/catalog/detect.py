@@ -16,6 +16,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from ..core.units import FWHM_PER_SIGMA
 from .data import ImageData, pixel_to_sky, sky_to_pixel_jacobian
 from .priors import MAG_TO_LN, NMGY_ZERO_MAG, color_names, sort_bands
 
@@ -71,7 +72,7 @@ def extract_image(image: ImageData, thresh_sigma: float = 1.5, minarea: int = 5,
     df["flux_auto"], df["flux_auto_err"], df["r50_px"] = flux, flux_err, r50
     df["snr"] = flux / np.maximum(flux_err, 1e-12)
     if windowed:
-        sig = np.clip(2.0 * np.where(np.isfinite(r50), r50, 1.5) / 2.3548, 0.5, 10.0)
+        sig = np.clip(2.0 * np.where(np.isfinite(r50), r50, 1.5) / FWHM_PER_SIGMA, 0.5, 10.0)
         xw, yw, wflag = sep.winpos(sub, objs["x"], objs["y"], sig, mask=mask)
         ok = (wflag == 0) & np.isfinite(xw) & (np.hypot(xw - objs["x"], yw - objs["y"]) < 2.0)
         df["x_win"], df["y_win"] = np.where(ok, xw, objs["x"]), np.where(ok, yw, objs["y"])

@@ -26,10 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
-
-from skystack._jax import jnp
 
 from . import model
 

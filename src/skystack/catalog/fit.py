@@ -22,16 +22,23 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-
-from skystack._jax import jax, jnp
 
 from . import elbo as E
 from .data import ImageData, sky_to_pixel_jacobian
 from .optimize import minimize_batch
-from .priors import (MAG_TO_LN, NMGY_ZERO_MAG, color_names, merged_priors, reference_band_index, sort_bands,
-                     type_prior_arrays)
+from .priors import (
+    MAG_TO_LN,
+    NMGY_ZERO_MAG,
+    color_names,
+    merged_priors,
+    reference_band_index,
+    sort_bands,
+    type_prior_arrays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +121,6 @@ class _Scene:
     def __init__(self, table, images: list[ImageData], bands, size_px: int, max_images: int | None):
         self.size = size_px
         half = size_px // 2
-        n_src = len(table)
         ra, dec = table["ra"].to_numpy(float), table["dec"].to_numpy(float)
         fit_rows = np.flatnonzero(table["_fit"].to_numpy(bool))
         self.fit_rows = fit_rows

@@ -18,9 +18,8 @@ Conventions
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
-
-from skystack._jax import jnp
 
 # Gaussian-mixture approximations of the untruncated exponential (Sersic n=1) and
 # de Vaucouleurs (n=4) profiles with unit half-light radius: amplitudes sum to one,

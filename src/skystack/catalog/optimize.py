@@ -17,7 +17,8 @@ from __future__ import annotations
 from functools import lru_cache, partial
 from typing import Callable, NamedTuple
 
-from skystack._jax import jax, jnp
+import jax
+import jax.numpy as jnp
 
 BISECTION_STEPS = 60
 

@@ -10,8 +10,7 @@ import copy
 
 import numpy as np
 
-MAG_TO_LN = 0.4 * np.log(10.0)
-NMGY_ZERO_MAG = 22.5
+from ..core.units import MAG_TO_LN, NMGY_ZERO_MAG
 
 # Wavelength order of the usual survey filters; other band names sort after these.
 BAND_ORDER = ("u", "g", "r", "i", "z", "y")

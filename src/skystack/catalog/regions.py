@@ -1,9 +1,8 @@
 """Regions of sky balanced by source count (k-d tree style), and their neighbours.
 
-Work is split by sources, not by area: the candidate list is cut recursively at the
-median of the longer side (RA scaled by cos Dec, or Dec) into regions whose counts differ
-by at most one at every split. Ties are broken by the input order, so the result is a
-function of the candidate table alone.
+Work is split by sources, not by area: the candidates are cut by the balanced bisection of
+``core.bisection`` into regions whose counts differ by at most one. Ties are broken by the
+input order, so the result is a function of the candidate table alone.
 """
 from __future__ import annotations
 
@@ -11,23 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-
-def _tangent_arcsec(ra, dec):
-    ra0, dec0 = np.median(ra), np.median(dec)
-    return np.stack([((ra - ra0 + 180) % 360 - 180) * np.cos(np.radians(dec0)), dec - dec0], -1) * 3600.0
-
-
-def _split(xy: np.ndarray, index: np.ndarray, n_regions: int, first_id: int, out: np.ndarray) -> None:
-    if n_regions <= 1 or index.size <= 1:
-        out[index] = first_id
-        return
-    pts = xy[index]
-    axis = int(np.ptp(pts[:, 1]) > np.ptp(pts[:, 0]))
-    order = index[np.lexsort((index, pts[:, axis]))]
-    n_left = n_regions // 2
-    cut = int(round(index.size * n_left / n_regions))
-    _split(xy, order[:cut], n_left, first_id, out)
-    _split(xy, order[cut:], n_regions - n_left, first_id + n_left, out)
+from ..core.bisection import balanced_bisection, unit_vectors
 
 
 def make_regions(candidates: pd.DataFrame, n_regions: int | None = None,
@@ -52,11 +35,7 @@ def make_regions(candidates: pd.DataFrame, n_regions: int | None = None,
             raise ValueError("give n_regions or max_sources_per_region")
         n_regions = max(1, int(np.ceil(n / max_sources_per_region)))
     n_regions = int(max(1, min(n_regions, max(n, 1))))
-    out = np.zeros(n, dtype=np.int64)
-    if n:
-        xy = _tangent_arcsec(candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float))
-        _split(xy, np.arange(n), n_regions, 0, out)
-    return out
+    return balanced_bisection(candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float), n_regions)
 
 
 def region_neighbours(candidates: pd.DataFrame, regions: np.ndarray, region: int,
@@ -69,8 +48,9 @@ def region_neighbours(candidates: pd.DataFrame, regions: np.ndarray, region: int
     mine = regions == region
     if not mine.any() or mine.all():
         return candidates.iloc[:0]
-    xy = _tangent_arcsec(candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float))
-    tree = cKDTree(xy[mine])
-    dist, _ = tree.query(xy[~mine], k=1, distance_upper_bound=margin_arcsec)
+    xyz = unit_vectors(candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float))
+    chord = 2.0 * np.sin(np.radians(margin_arcsec / 3600.0) / 2.0)  # exact on the sphere, any Dec
+    tree = cKDTree(xyz[mine])
+    dist, _ = tree.query(xyz[~mine], k=1, distance_upper_bound=chord)
     others = np.flatnonzero(~mine)[np.isfinite(dist)]
     return candidates.iloc[others]

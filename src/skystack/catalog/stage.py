@@ -6,6 +6,8 @@ The science lives in the rest of the package; this module connects it to the ima
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +15,18 @@ import pandas as pd
 from astropy.io import fits
 from astropy.table import Table
 
-from ..io import atomic_path, write_parquet
-from ..survey import aux_of, read_pixels
+from ..astrometry.astropy_wcs import astropy_world2pix_near
+from ..core.io import atomic_path, write_parquet
+from ..report.figures import catalog_figure
+from ..survey.pixels import aux_of, read_pixels
+from ..survey.stage import select_images
 from .data import ImageData
+from .detect import detect_sources
+from .fit import fit_region
 from .regions import make_regions, region_neighbours
 
 #: Columns an external candidate file must have (fluxes in nanomaggies).
 CANDIDATE_COLUMNS = ("ra", "dec", "flux_r_nmgy")
-
-
-def science_images(index: pd.DataFrame) -> pd.DataFrame:
-    """The images the catalog is fitted to: science images, never difference images."""
-    return index[~index["is_difference"].astype(bool)].sort_values("image_id").reset_index(drop=True)
 
 
 def load_image(row) -> ImageData:
@@ -79,7 +81,6 @@ def on_some_image(candidates: pd.DataFrame, index: pd.DataFrame) -> np.ndarray:
     """True for candidates inside the footprint of at least one image."""
     from astropy.wcs import WCS
 
-    from ..wcs import astropy_world2pix_near
 
     inside = np.zeros(len(candidates), bool)
     ra, dec = candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float)
@@ -95,7 +96,7 @@ def candidates_on_images(candidates: pd.DataFrame, index: pd.DataFrame, source: 
 
     A list with no candidate on any image is an error that names ``source``.
     """
-    inside = on_some_image(candidates, science_images(index))
+    inside = on_some_image(candidates, select_images(index, "science"))
     if len(candidates) and not inside.any():
         raise ValueError(f"{source}: none of the {len(candidates)} candidates lies on any science image "
                          "(check that the list and the survey cover the same sky)")
@@ -122,13 +123,6 @@ def region_inputs(regions: pd.DataFrame, region: int, margin_arcsec: float):
     return cands[labels == region], region_neighbours(cands, labels, region, margin_arcsec)
 
 
-def bright_star_mask(catalog: pd.DataFrame, mag_limit: float, p_star_min: float = 0.5) -> pd.DataFrame:
-    """Stars brighter than ``mag_limit`` in r: the search masks intersections near them."""
-    stars = catalog[(catalog["p_star"] >= p_star_min) & (catalog["mag_r"] < mag_limit)]
-    return pd.DataFrame({"ra_deg": stars["ra"].to_numpy(float), "dec_deg": stars["dec"].to_numpy(float),
-                         "mag_r": stars["mag_r"].to_numpy(float)})
-
-
 def write_catalog(catalog: pd.DataFrame, parquet_path, fits_path) -> None:
     """The merged catalog as parquet and as a FITS binary table (with units)."""
     write_parquet(catalog, parquet_path)
@@ -149,3 +143,68 @@ def write_catalog(catalog: pd.DataFrame, parquet_path, fits_path) -> None:
 def write_json(obj: dict, path) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=1))
+
+
+def detect_stage(images_path, candidates_out, *, source: str, candidates_path=None, thresh_sigma: float,
+                 match_radius_arcsec: float, log: logging.Logger) -> pd.DataFrame:
+    """``detect_sources``: candidates from sep on every science image, or from a file."""
+    index = pd.read_parquet(images_path)
+    if source == "file":
+        candidates = candidates_on_images(read_candidates(candidates_path), index, candidates_path, warn=log.warning)
+        log.info("%d candidates from %s", len(candidates), candidates_path)
+    else:
+        rows = select_images(index, "science")
+        images = []
+        for k, (_, row) in enumerate(rows.iterrows(), 1):
+            images.append(load_image(row))
+            if k % max(1, len(rows) // 10) == 0 or k == len(rows):
+                log.info("loaded %d/%d science images", k, len(rows))
+        candidates = detect_sources(images, thresh_sigma=thresh_sigma, match_radius_arcsec=match_radius_arcsec)
+        log.info("%d candidates (%d likely stars) from %d science images in bands %s", len(candidates),
+                 int(candidates["is_star"].sum()) if len(candidates) else 0, len(images), sorted(rows["band"].unique()))
+    write_parquet(candidates, candidates_out)
+    return candidates
+
+
+def plan_regions_stage(candidates_path, regions_out, plan_out, *, max_sources_per_region: int,
+                       log: logging.Logger) -> dict:
+    """``plan_regions``: the candidates cut into regions balanced by count."""
+    regions, plan = plan_regions(pd.read_parquet(candidates_path), max_sources_per_region)
+    write_parquet(regions, regions_out)
+    write_json(plan, plan_out)
+    log.info("%d candidates in %d regions (sources per region %s)", len(regions), plan["n_regions"],
+             plan["sources_per_region"])
+    return plan
+
+
+def fit_region_stage(regions_path, images_path, region: int, catalog_out, *, margin_arcsec: float, patch_px: int,
+                     tol: float, max_iter: int, max_images: int, log: logging.Logger) -> pd.DataFrame:
+    """``fit_region``: every source of one region fitted jointly to every overlapping science
+    image, neighbours from other regions held fixed."""
+    sources, neighbours = region_inputs(pd.read_parquet(regions_path), region, margin_arcsec)
+    rows = images_overlapping(select_images(pd.read_parquet(images_path), "science"),
+                              sources["ra"], sources["dec"], margin_arcsec + patch_px)
+    log.info("region %d: %d sources, %d fixed neighbours, %d overlapping science images (all epochs and bands)",
+             region, len(sources), len(neighbours), len(rows))
+    images = [load_image(row) for _, row in rows.iterrows()]
+    t0 = time.time()
+    catalog = fit_region(sources, neighbours, images, tol=tol, max_iter=max_iter, patch_px=patch_px,
+                         max_images=max_images, region=region, progress=log.info)
+    seconds = max(time.time() - t0, 1e-9)
+    log.info("fitted %d sources in %.1f s (%.1f sources/s); %d not converged (flagged, kept)", len(catalog),
+             seconds, len(catalog) / seconds, int((~catalog["converged"].astype(bool)).sum()))
+    write_parquet(catalog, catalog_out)
+    return catalog
+
+
+def merge_catalog_stage(region_paths, catalog_out, fits_out, figure_out, *, log: logging.Logger) -> pd.DataFrame:
+    """``merge_catalog``: the regions' tables joined (parquet and FITS), with a figure."""
+    parts = [pd.read_parquet(p) for p in region_paths]
+    catalog = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
+    catalog = catalog.sort_values(["dec", "ra"], kind="stable").reset_index(drop=True)
+    catalog.insert(0, "source_id", range(len(catalog)))
+    write_catalog(catalog, catalog_out, fits_out)
+    catalog_figure(catalog, figure_out)
+    log.info("catalog: %d sources from %d regions (%d stars with p_star >= 0.5, %d not converged)", len(catalog),
+             len(parts), int((catalog["p_star"] >= 0.5).sum()), int((~catalog["converged"].astype(bool)).sum()))
+    return catalog
