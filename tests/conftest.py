@@ -16,7 +16,13 @@ def _shared_data() -> Path:
 
 
 SHARED_DATA = _shared_data()
-SHARED_DATA_MISSING = f"the shared real data is not at {SHARED_DATA} (set SKYSTACK_SHARED_DATA or put shared/ beside the clone)"
+
+
+def needs_shared(*relative_paths):
+    """Skip unless the shared real data holds every path: one reason, the same everywhere."""
+    missing = [p for p in relative_paths if not (SHARED_DATA / p).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"needs the shared real data ({', '.join(missing)} not under "
+                              f"{SHARED_DATA}; set SKYSTACK_SHARED_DATA or put shared/ beside the clone)")
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TINY = REPO / "config" / "experiments" / "tiny.yaml"
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, needs_shared
 from scipy.spatial import cKDTree
 
 from skystack.catalog.data import ImageData
@@ -15,7 +15,7 @@ from skystack.sim.fields import simulate_field
 SEP_DIR = SHARED_DATA / "sep-image"
 
 
-@pytest.mark.skipif(not (SEP_DIR / "image.fits").exists(), reason="sep test image not available")
+@needs_shared("sep-image/image.fits")
 def test_extraction_matches_sextractor_catalog():
     data = fits.getdata(SEP_DIR / "image.fits").astype(np.float32)
     ref = np.loadtxt(SEP_DIR / "image.cat", comments="#")

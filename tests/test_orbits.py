@@ -176,7 +176,7 @@ def test_focused_population_stays_near_the_reference():
     assert abs(df["inc_deg"].std() - 0.05) < 0.0025
     assert abs(df["a_au"].mean() / ref["a_au"] - 1) < 1e-4
     assert (df["e"] == ref["e"]).all() and (df["node_deg"] == ref["node_deg"]).all()
-    wide_e = population("focused", np.arange(4000), seed=1, reference=ref | {"e": 0.01}, sigma={"e": 0.05})
+    wide_e = population("focused", np.arange(4000), seed=1, reference=ref.to_dict() | {"e": 0.01}, sigma={"e": 0.05})
     assert wide_e["e"].between(0, 1).all() and wide_e["e"].min() < 0.005  # reflected at 0, not clipped
     with pytest.raises(ValueError, match="needs reference"):
         population("focused", np.arange(10), seed=1)

@@ -50,11 +50,13 @@ def _dry_run_rules(workdir, *args, configfile=None) -> set[str]:
     return rules
 
 
-def test_changed_search_parameter_reruns_only_the_search(tiny_run, tmp_path):
+def test_changed_threshold_reruns_the_combination_not_the_partial_sums(tiny_run, tmp_path):
     config = overlay(tmp_path, "threshold", {"search": {"snr_threshold": 6.5}})
     rules = _dry_run_rules(tiny_run, configfile=config)
-    assert {"search_shard", "combine_chunk", "merge_detections", "search_report"} <= rules
-    assert not rules & {"simulate_survey", "index_survey", "build_tile_cache", "detect_sources", "fit_region"}
+    assert {"combine_chunk", "merge_detections", "search_report"} <= rules
+    # The partial sums do not depend on the threshold: the most expensive jobs stay.
+    assert not rules & {"simulate_survey", "index_survey", "build_tile_cache", "detect_sources", "fit_region",
+                        "plan_orbits", "search_shard", "star_mask"}
 
 
 def test_forcerun_combine_chunk_reruns_only_downstream(tiny_run):

@@ -79,7 +79,7 @@ def test_ztf_adapter(tmp_path, noise_image):
     p = write(tmp_path / "ztf_20200101_000500_zr_c05_o_q2_sciimg.fits", noise_image, {
         "OBSMJD": 58849.25, "EXPTIME": 30.0, "FILTER": "ZTF_r", "MAGZP": 26.3, "SEEING": 2.2, "CCDID": 5, "QID": 2})
     row = index_images([p]).iloc[0]
-    assert row["band"] == "r" and row["ccd_id"] == 5 * 4 + 1
+    assert row["band"] == "r" and row["ccd_id"] == 17  # ZTF RCID = 4 (CCDID - 1) + QID - 1 = 4 (5 - 1) + 2 - 1
     assert row["mjd_mid_utc"] == pytest.approx(58849.25 + 15 / 86400, abs=1e-9)
     assert row["site_lat_deg"] == pytest.approx(33.3563)
 

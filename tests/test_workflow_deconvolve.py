@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import yaml
 from astropy.io import fits
-from conftest import REPO, SHARED_DATA, run_snakemake
+from conftest import REPO, SHARED_DATA, needs_shared, run_snakemake
 
 from skystack.deconvolve.solvers import deconvolve_stack
 from skystack.deconvolve.stage import deconvolve_shard
@@ -15,7 +15,7 @@ PSFS = SHARED_DATA / "deconv" / "example_psfs.npy"
 EUCLID = REPO / "config" / "experiments" / "euclid_stamps.yaml"
 N = 12  # 3 shards of 4: one compiled shape for the three
 SOLVER = {"max_iter": 100}
-pytestmark = pytest.mark.skipif(not STAMPS.exists(), reason="shared deconvolution stacks not available")
+pytestmark = needs_shared("deconv/example_image_stack.npy", "deconv/example_psfs.npy")
 
 
 def _overlay(path, **deconvolve):

@@ -17,7 +17,6 @@ from .psf import PsfMixture, fit_psf_image, gaussian_psf
 from .regions import make_regions, region_neighbours
 from .score import markdown_table, score_catalog
 
-
 __all__ = [
     "ImageData", "PsfMixture", "DEFAULT_PRIORS", "detect_sources", "extract_image", "make_regions",
     "region_neighbours", "fit_region", "heuristic_catalog", "score_catalog", "markdown_table",

@@ -40,7 +40,11 @@ def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_pa
     if source == "file":
         user = load_orbits(file_path)
         parts.append(user[ELEMENT_COLUMNS].assign(name=user["name"].astype(str) if "name" in user else "", listed_as="file"))
-    listed = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=ELEMENT_COLUMNS + ["name", "listed_as"])
+    # An empty listed table still has float64 elements: random rows concatenated to it in
+    # orbits_for_ids keep their dtype (object columns otherwise).
+    empty = pd.DataFrame({**{c: pd.Series(dtype="float64") for c in ELEMENT_COLUMNS},
+                          "name": pd.Series(dtype=object), "listed_as": pd.Series(dtype=object)})
+    listed = pd.concat(parts, ignore_index=True) if parts else empty
     listed.insert(0, "orbit_id", np.arange(len(listed), dtype=np.int64))
     if len(listed):
         validate_orbits(listed, source=str(file_path or "listed orbits"))

@@ -73,9 +73,6 @@ IMAGE_COLUMNS = ["image_id", "exposure_id", "jd_tdb_mid", "site_lat_deg", "site_
 SAME_TIME_TOLERANCE_DAY = 1e-6
 
 
-# ----------------------------------------------------------------------------- directions
-
-
 # ----------------------------------------------------------------------------- step 1: cull
 def _orbit_track_bounds(orb: OrbitArrays):
     """Per orbit: the largest heliocentric acceleration (``GM / q^2``, AU/day^2) and speed
@@ -115,8 +112,57 @@ def _track_estimate(node_pos_au, node_vel_au, acc_max, speed_max, exposure_node,
     return rel, eps * CULL_SAFETY / dist + CULL_SLACK
 
 
-def _cull(node_pos_au, node_vel_au, acc_max, speed_max, orbit_ok, exposure_node, exposure_dt_day,
-          sun_minus_observer_au, field_center, field_cos_radius, exposure_ok):
+class OrbitTracks(NamedTuple):
+    """A batch of orbits for the cull (leading axis = orbit, nodes (J, B_o, 3))."""
+
+    node_pos_au: jnp.ndarray  # (J, B_o, 3) heliocentric position at each track node
+    node_vel_au: jnp.ndarray  # (J, B_o, 3) heliocentric velocity (AU/day) at each node
+    acc_max: jnp.ndarray  # (B_o,) largest heliocentric acceleration on the orbit (AU/day^2)
+    speed_max: jnp.ndarray  # (B_o,) largest heliocentric speed (AU/day)
+    ok: jnp.ndarray  # (B_o,) bool, False for padding
+
+
+class ExposureFields(NamedTuple):
+    """A batch of exposures for the cull (leading axis = exposure)."""
+
+    node: jnp.ndarray  # (B_e,) int, each exposure's track node
+    dt_day: jnp.ndarray  # (B_e,) exposure time minus its node's
+    sun_minus_observer_au: jnp.ndarray  # (B_e, 3)
+    field_center: jnp.ndarray  # (B_e, 3) ICRS unit vector
+    field_cos_radius: jnp.ndarray  # (B_e,)
+    ok: jnp.ndarray  # (B_e,) bool, False for padding
+
+
+class CandidatePairs(NamedTuple):
+    """C candidate (exposure, orbit) pairs for the exact steps (leading axis = pair)."""
+
+    orbits: OrbitArrays  # the pair's orbit constants
+    jd_tdb: jnp.ndarray  # (C,) the exposure's mid-exposure TDB
+    observer_au: jnp.ndarray  # (C, 3) barycentric observer
+    sun_taylor_au: jnp.ndarray  # (C, 3, 3) the Sun's position, velocity, acceleration
+    field_center: jnp.ndarray  # (C, 3)
+    field_cos_radius: jnp.ndarray  # (C,)
+    live: jnp.ndarray  # (C,) bool, False for padding
+    exposure: jnp.ndarray  # (C,) int, index into the per-exposure arrays of ``SlotArrays``
+
+
+class SlotArrays(NamedTuple):
+    """Per-exposure image slots on the device, whole (leading axes (n_exposures, K) or
+    (n_exposures, cells, L)); candidates index them by exposure."""
+
+    plane_basis: jnp.ndarray  # (n_exp, 3, 3) gnomonic plane at the field centre
+    grid_origin: jnp.ndarray  # (n_exp, 2) slot lookup grid in that plane
+    grid_cell: jnp.ndarray  # (n_exp, 2)
+    cell_slots: jnp.ndarray  # (n_exp, cells, L) slots that may reach each cell
+    cell_slot_ok: jnp.ndarray  # (n_exp, cells, L) bool
+    slot_ok: jnp.ndarray  # (n_exp, K) bool
+    slot_matrix: jnp.ndarray  # (n_exp, K, 3, 3) see wcs.pixel_matrix
+    slot_wcs: WcsParams  # fields with leading axes (n_exp, K)
+    slot_limits_px: jnp.ndarray  # (n_exp, K, 4) x_lo, x_hi, y_lo, y_hi
+    slot_margin_px: jnp.ndarray  # (n_exp, K) candidate margin (SIP bound + slack)
+
+
+def _cull(tracks: OrbitTracks, fields: ExposureFields):
     """(exposure, orbit) pairs of a batch that may fall in the exposure's field circle.
 
     With the estimate and bound of ``_track_estimate``, a pair whose estimate is farther
@@ -124,8 +170,9 @@ def _cull(node_pos_au, node_vel_au, acc_max, speed_max, orbit_ok, exposure_node,
     fall in the field. Returns the (B_e, B_o) mask of kept pairs. The host compacts it: on
     a CPU, XLA's fixed-size ``nonzero`` is several times slower than numpy's.
     """
-    rel, sin_t = _track_estimate(node_pos_au, node_vel_au, acc_max, speed_max, exposure_node, exposure_dt_day,
-                                 sun_minus_observer_au)
+    rel, sin_t = _track_estimate(tracks.node_pos_au, tracks.node_vel_au, tracks.acc_max, tracks.speed_max,
+                                 fields.node, fields.dt_day, fields.sun_minus_observer_au)
+    field_center, field_cos_radius = fields.field_center, fields.field_cos_radius
     dist = _norm3(rel)
     anywhere = sin_t >= 1.0
     sin_t = jnp.minimum(sin_t, 1.0)
@@ -136,7 +183,7 @@ def _cull(node_pos_au, node_vel_au, acc_max, speed_max, orbit_ok, exposure_node,
            + rel[..., 2] * field_center[:, None, 2])
     # angle(rel, centre) <= R + theta, written with cosines; R + theta >= pi holds everything.
     near = anywhere | (cos_r <= -cos_t) | (dot >= dist * (cos_r * cos_t - sin_r * sin_t))
-    return near & orbit_ok[None, :] & exposure_ok[:, None]
+    return near & tracks.ok[None, :] & fields.ok[:, None]
 
 
 _node_states_jit = jax.jit(_node_states)
@@ -144,14 +191,8 @@ _cull_jit = jax.jit(_cull)
 
 
 # ----------------------------------------------------------------------------- steps 2-4: exact
-def _batch_intersections(orb, jd_tdb, observer_au, sun_taylor_au, field_center, field_cos_radius, live,
-                         exposure, plane_basis, grid_origin, grid_cell, cell_slots, cell_slot_ok, slot_ok,
-                         slot_matrix, crpix0_px, slot_limits_px, slot_margin_px):
+def _batch_intersections(pairs: CandidatePairs, sl: SlotArrays):
     """Steps 2 and 3 for C candidate (exposure, orbit) pairs.
-
-    Per pair (leading axis C): the orbit's constants, the exposure's time, observer, Sun
-    terms and field circle, whether the entry is live (not padding) and the exposure's
-    index into the per-exposure arrays (n_exposures, ...), which stay whole on the device.
 
     2. exact direction; keep the pair if inside the exposure's field circle;
     3. look up the slots listed for its cell of the exposure's grid (``_slot_lookup``),
@@ -161,40 +202,41 @@ def _batch_intersections(orb, jd_tdb, observer_au, sun_taylor_au, field_center, 
     Returns the (C, 3) directions, the (C, L) slots looked up and the (C, L) mask of
     step 3 (compacted by the host).
     """
-    d, _ = _paired_directions(orb, jd_tdb, observer_au, sun_taylor_au)  # (C, 3)
-    in_field = live & (jnp.sum(d * field_center, axis=-1) >= field_cos_radius)
-    p = jnp.einsum("cij,cj->ci", plane_basis[exposure], d)
+    d, _ = _paired_directions(pairs.orbits, pairs.jd_tdb, pairs.observer_au, pairs.sun_taylor_au)  # (C, 3)
+    in_field = pairs.live & (jnp.sum(d * pairs.field_center, axis=-1) >= pairs.field_cos_radius)
+    exposure = pairs.exposure
+    p = jnp.einsum("cij,cj->ci", sl.plane_basis[exposure], d)
     depth = jnp.where(p[:, 2] > 0, p[:, 2], 1.0)
     n_cells = SLOT_GRID_CELLS
-    ij = jnp.floor((p[:, :2] / depth[:, None] - grid_origin[exposure]) / grid_cell[exposure])
+    ij = jnp.floor((p[:, :2] / depth[:, None] - sl.grid_origin[exposure]) / sl.grid_cell[exposure])
     ij = jnp.clip(jnp.where(jnp.isfinite(ij), ij, 0), 0, n_cells - 1).astype(jnp.int32)
     cell = ij[:, 0] * n_cells + ij[:, 1]
-    slots = cell_slots[exposure, cell]  # (C, L)
+    slots = sl.cell_slots[exposure, cell]  # (C, L)
     e = exposure[:, None]
-    h = jnp.einsum("clij,cj->cli", slot_matrix[e, slots], d)  # (C, L, 3)
+    h = jnp.einsum("clij,cj->cli", sl.slot_matrix[e, slots], d)  # (C, L, 3)
     w = h[..., 2]
     front = w > 0
     w = jnp.where(front, w, 1.0)
-    crpix = crpix0_px[e, slots]
+    crpix = sl.slot_wcs.crpix0_px[e, slots]
     x_tan = crpix[..., 0] + h[..., 0] / w
     y_tan = crpix[..., 1] + h[..., 1] / w
-    lim, m = slot_limits_px[e, slots], slot_margin_px[e, slots]
+    lim, m = sl.slot_limits_px[e, slots], sl.slot_margin_px[e, slots]
     # A point on the image lies within the image's bound on the SIP displacement of its
     # plain gnomonic position, so nothing in bounds is lost here.
     near = (front & (x_tan >= lim[..., 0] - m) & (x_tan < lim[..., 1] + m) & (y_tan >= lim[..., 2] - m)
-            & (y_tan < lim[..., 3] + m) & slot_ok[e, slots] & cell_slot_ok[exposure, cell] & in_field[:, None])
+            & (y_tan < lim[..., 3] + m) & sl.slot_ok[e, slots] & sl.cell_slot_ok[exposure, cell] & in_field[:, None])
     return d, slots, near
 
 
-def _pixels(directions, exposure, slot, slot_matrix, slot_wcs, slot_limits_px):
+def _pixels(directions, exposure, slot, sl: SlotArrays):
     """Step 4 for (direction, exposure, slot) entries: SIP inverted (Newton) from the plain
     gnomonic position; pixel positions and whether they are in bounds."""
-    h = jnp.einsum("cij,cj->ci", slot_matrix[exposure, slot], directions)
-    params = take(slot_wcs, (exposure, slot))
+    h = jnp.einsum("cij,cj->ci", sl.slot_matrix[exposure, slot], directions)
+    params = take(sl.slot_wcs, (exposure, slot))
     crpix = params.crpix0_px
     u, v = jax.vmap(sip_undistort)(params, h[:, 0] / h[:, 2], h[:, 1] / h[:, 2])
     x, y = crpix[:, 0] + u, crpix[:, 1] + v
-    lim = slot_limits_px[exposure, slot]
+    lim = sl.slot_limits_px[exposure, slot]
     return x, y, (x >= lim[:, 0]) & (x < lim[:, 1]) & (y >= lim[:, 2]) & (y < lim[:, 3])
 
 
@@ -537,8 +579,9 @@ def _cull_pairs(orb: OrbitArrays, im: ImageSet, max_batch_bytes: int):
             nodes.clear()
             nodes[o0] = _node_states_jit(OrbitArrays(*(f[o0:o0 + b_o] for f in orb_pad)), node_jd)
         se, so = slice(e0, e0 + b_e), slice(o0, o0 + b_o)
-        return _cull_jit(*nodes[o0], acc_max[so], speed_max[so], orbit_ok[so], node_of[se], dt[se],
-                         sun_minus_observer[se], center[se], cos_radius[se], exposure_ok[se])
+        return _cull_jit(OrbitTracks(*nodes[o0], acc_max[so], speed_max[so], orbit_ok[so]),
+                         ExposureFields(node_of[se], dt[se], sun_minus_observer[se], center[se], cos_radius[se],
+                                        exposure_ok[se]))
 
     def finish(item, keep):
         e_i, o_i = np.nonzero(np.asarray(keep))
@@ -558,30 +601,28 @@ def _exact_intersections(orb: OrbitArrays, orbit_ids, im: ImageSet, exposure_idx
     take_c = np.minimum(np.arange(n_pad), n_c - 1)
     e_all, o_all, live = exposure_idx[take_c], orbit_idx[take_c], np.arange(n_pad) < n_c
     # Per-image arrays go to the device once; each chunk indexes them by exposure.
-    slot_wcs = WcsParams(*(jnp.asarray(f) for f in im.slot_wcs))
-    slot_ok, slot_matrix = jnp.asarray(im.slot_ok), jnp.asarray(im.slot_matrix)
-    slot_limits, slot_margin = jnp.asarray(im.slot_limits_px), jnp.asarray(im.slot_margin_px)
-    lookup = tuple(jnp.asarray(a) for a in (im.plane_basis, im.grid_origin, im.grid_cell, im.cell_slots, im.cell_slot_ok))
+    slots = jax.tree_util.tree_map(jnp.asarray, SlotArrays(
+        im.plane_basis, im.grid_origin, im.grid_cell, im.cell_slots, im.cell_slot_ok, im.slot_ok, im.slot_matrix,
+        im.slot_wcs, im.slot_limits_px, im.slot_margin_px))
 
     def launch(c0):
-        sl = slice(c0, c0 + size)
-        e, o = e_all[sl], o_all[sl]
-        return _batch_intersections_jit(
+        part = slice(c0, c0 + size)
+        e, o = e_all[part], o_all[part]
+        return _batch_intersections_jit(CandidatePairs(
             OrbitArrays(*(np.asarray(f)[o] for f in orb)), im.jd_tdb[e], im.observer_au[e], im.sun_taylor_au[e],
-            im.field_center[e], im.field_cos_radius[e], live[sl], e, *lookup, slot_ok, slot_matrix,
-            slot_wcs.crpix0_px, slot_limits, slot_margin)
+            im.field_center[e], im.field_cos_radius[e], live[part], e), slots)
 
     def finish(c0, out):
-        directions, slots, near = out
+        directions, looked_up, near = out
         c_i, l_i = np.nonzero(np.asarray(near))
-        k_i = np.asarray(slots)[c_i, l_i]
+        k_i = np.asarray(looked_up)[c_i, l_i]
         if len(c_i) == 0:
             return _empty_intersections()
         m = _round_up_coarse(len(c_i))  # padded: few compiled shapes
         take = np.minimum(np.arange(m), len(c_i) - 1)
         e_i = e_all[c0 + c_i]
         x, y, ok = (np.asarray(a)[: len(c_i)] for a in _pixels_jit(
-            directions[c_i[take]], e_i[take], k_i[take], slot_matrix, slot_wcs, slot_limits))
+            directions[c_i[take]], e_i[take], k_i[take], slots))
         rows = c0 + c_i[ok]
         return pd.DataFrame({"orbit_id": orbit_ids[o_all[rows]], "image_id": im.image_id[im.slots[e_i[ok], k_i[ok]]],
                              "x": x[ok], "y": y[ok]})
@@ -589,6 +630,3 @@ def _exact_intersections(orb: OrbitArrays, orbit_ids, im: ImageSet, exposure_idx
     found = _pipelined(range(0, n_pad, size), launch, finish)
     return pd.concat(found, ignore_index=True).astype(INTERSECTION_COLUMNS)
 
-
-# ----------------------------------------------------------------------------- matched filter
-# (per-intersection sums along orbits come below)

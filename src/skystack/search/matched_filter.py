@@ -12,6 +12,7 @@ so that for a constant-flux object ``sum(psi) / sum(phi)`` is its flux in nmgy a
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,20 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+class PatchModel(NamedTuple):
+    """What the matched filter needs per patch besides its pixels (leading axis = patch)."""
+
+    dx_px: jnp.ndarray  # source position minus the patch's centre pixel, x
+    dy_px: jnp.ndarray  # the same in y
+    psf_sigma_px: jnp.ndarray  # Gaussian PSF width
+    noise_sigma: jnp.ndarray  # pixel noise (ADU)
+    adu_per_nmgy: jnp.ndarray  # zero-point scale
+
+
 @jax.jit
-def _matched_filter(patches, dx_px, dy_px, psf_sigma_px, noise_sigma, adu_per_nmgy):
+def _matched_filter(patches, model: PatchModel):
     """psi, phi for a batch of patches (float32 PSF model, float64 sums and scaling)."""
+    dx_px, dy_px, psf_sigma_px, noise_sigma, adu_per_nmgy = model
     k = patches.shape[-1]
     r = (k - 1) // 2
     off = jnp.arange(-r, r + 1, dtype=jnp.float32)
@@ -75,7 +87,7 @@ def matched_filter(patches, x, y, psf_sigma_px, noise_sigma, adu_per_nmgy, batch
         if pad:
             args[0] = np.concatenate([args[0], np.full((pad,) + args[0].shape[1:], np.nan, np.float32)])
             args[1:] = [np.concatenate([a, np.ones(pad)]) for a in args[1:]]
-        a, b = _matched_filter(*[jnp.asarray(v) for v in args])
+        a, b = _matched_filter(jnp.asarray(args[0]), PatchModel(*(jnp.asarray(v) for v in args[1:])))
         psi[sl] = np.asarray(a)[:m]
         phi[sl] = np.asarray(b)[:m]
     return psi, phi

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..core.units import counts_per_nmgy
+from ..core.units import SIGMA_G_PER_IQR, counts_per_nmgy
 
 
 def light_curves(candidates: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
@@ -32,10 +32,20 @@ def coadd_stamp(positions: pd.DataFrame, images: pd.DataFrame, caches: dict, rad
     return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def expected_false_alarms(n_orbits: int, snr_threshold: float) -> float:
+def expected_false_alarms(n_orbits: int, snr_threshold: float, snr_sd: float = 1.0) -> float:
     """Expected detections on pure noise: each orbit tried exceeds the threshold with the
-    Gaussian tail probability of its N(0, 1) combined SNR. An upper bound on the expectation,
-    since neighbouring orbits share pixels and are not independent."""
+    Gaussian tail probability of its combined SNR, N(0, ``snr_sd``). An upper bound on the
+    expectation, since neighbouring orbits share pixels and are not independent.
+
+    ``snr_sd`` is 1 for the plain matched filter; sigma-G clipping widens it a little (1.02
+    with 30 images per orbit), which ``robust_snr_sd`` measures on a run's own orbits."""
     from scipy.stats import norm
 
-    return float(n_orbits * norm.sf(snr_threshold))
+    return float(n_orbits * norm.sf(snr_threshold / snr_sd))
+
+
+def robust_snr_sd(snr) -> float:
+    """The spread of the combined SNR over the orbits tried, sigma_G = 0.7413 IQR: the noise
+    orbits dominate it, and the few with signal do not move the quartiles."""
+    q25, q75 = np.percentile(np.asarray(snr, np.float64), [25, 75])
+    return float(SIGMA_G_PER_IQR * (q75 - q25))

@@ -30,7 +30,7 @@ from .filters import (
     star_mask_hits,
 )
 from .intersect import prepare_images
-from .results import coadd_stamp, expected_false_alarms, light_curves
+from .results import coadd_stamp, expected_false_alarms, light_curves, robust_snr_sd
 from .shard import search_partials, stage_cache
 
 
@@ -156,9 +156,10 @@ def report_stage(all_orbits_path, detections_path, listed_path, plan_path, truth
         recovered["detected"] = recovered["orbit_id"].isin(found.index)
         recovered["detection_orbit_id"] = recovered["orbit_id"].map(found).fillna(-1).astype("int64")
         n_false = int((det["truth_orbit_id"] < 0).sum())
-        expected = expected_false_alarms(len(combined), snr_threshold)
-        log.info("false detections: %d; Gaussian-tail expectation for %d orbits tried: %.2g (+3 sd: %.2g)",
-                 n_false, len(combined), expected, expected + 3 * np.sqrt(expected))
+        spread = robust_snr_sd(combined["snr"]) if len(combined) >= 4 else 1.0
+        expected = expected_false_alarms(len(combined), snr_threshold, snr_sd=max(spread, 1.0))
+        log.info("false detections: %d; Gaussian-tail expectation for %d orbits tried (SNR spread %.3f): %.2g "
+                 "(+3 sd: %.2g)", n_false, len(combined), spread, expected, expected + 3 * np.sqrt(expected))
         bright = recovered["expected_combined_snr"] >= 10
         log.info("recovered %d of %d injected objects; %d of %d with expected SNR >= 10; %d detections match no "
                  "injected object", int(recovered["detected"].sum()), len(recovered),
