@@ -16,7 +16,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from ..astrometry.astropy_wcs import astropy_world2pix_near
-from ..core.units import MAD_TO_SIGMA, NMGY_ZERO_MAG
+from ..core.units import MAD_TO_SIGMA, counts_per_nmgy
 from .psf import PsfMixture, fit_psf_image, gaussian_psf
 
 PsfSpec = Union[float, np.ndarray, Callable]
@@ -87,7 +87,7 @@ class ImageData:
     @property
     def counts_per_nmgy(self) -> float:
         """ADU of a 1-nanomaggy source (AB mag 22.5)."""
-        return 10.0 ** (-0.4 * (NMGY_ZERO_MAG - self.magzp))
+        return counts_per_nmgy(self.magzp) if np.isfinite(self.magzp) else float("nan")
 
     def sky_map(self) -> np.ndarray:
         """Sky still present in the pixels (ADU), as a full-size array."""

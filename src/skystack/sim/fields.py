@@ -15,7 +15,7 @@ import pandas as pd
 from astropy.wcs import WCS
 
 from ..catalog.data import ImageData
-from ..core.units import NMGY_ZERO_MAG
+from ..core.units import NMGY_ZERO_MAG, counts_per_nmgy
 from .galsim_render import draw_into, local_jacobian, source_object
 
 
@@ -141,7 +141,7 @@ def simulate_field(cfg: SimConfig | None = None, **overrides) -> tuple[list[Imag
             sigma = rng.uniform(*cfg.psf_sigma_px)
             w = tan_wcs(cfg.ra_center_deg + dither[0] / np.cos(np.radians(cfg.dec_center_deg)),
                         cfg.dec_center_deg + dither[1], n_side, n_side, cfg.pixel_scale_arcsec, rot)
-            cpn = 10.0 ** (-0.4 * (NMGY_ZERO_MAG - cfg.magzp))
+            cpn = counts_per_nmgy(cfg.magzp)
             model = render_image(truth, w, n_side, n_side, band, sigma, cpn, cfg.pixel_scale_arcsec,
                                  cfg.stamp_half_px)
             noise_rng = _rng(cfg.seed, 3, e, bi)
