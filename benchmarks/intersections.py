@@ -1,11 +1,11 @@
 """B1: orbit x image intersection throughput, against a per-pair reference.
 
-A metadata-only ZTF-like survey (``skystack.mosaic``: exposures of 8 x 8 CCD quadrants,
+A metadata-only ZTF-like survey (``skystack.sim.mosaic``: exposures of 8 x 8 CCD quadrants,
 TAN-SIP, along the ecliptic at random times, from Palomar; by default 313 exposures =
 20,032 images over 6 years) and a batch of random KBO orbits. ``skystack.intersect``
 is timed after a warm-up call (compilation excluded), whole and step by step (cull on track
 nodes; exact directions, lookup and SIP inversion of the candidates). Side by side, on a
-subsample, the straightforward reference (``skystack.reference.pair_by_pair``: skyfield and
+subsample, the straightforward reference (``skystack.testing.reference.pair_by_pair``: skyfield and
 astropy, one orbit-image pair at a time) is timed and its intersections compared.
 
     python -m benchmarks.intersections [--exposures 313] [--years 6] [--orbits 20000]

@@ -118,6 +118,13 @@ class _State(NamedTuple):
     done: jax.Array       # relative cost change fell below tol in this pass
 
 
+def _stalled(cost, previous, tol):
+    """The stopping rule |cost_k - cost_{k-1}| <= tol |cost_{k-1}|, never met when tol is 0:
+    a float32 cost often repeats exactly long before convergence, and tol = 0 promises
+    max_iter iterations."""
+    return jnp.logical_and(tol > 0, jnp.abs(cost - previous) <= tol * jnp.abs(previous))
+
+
 def _sparse_cost(y, hx, phix, w):
     return 0.5 * jnp.sum((y - hx) ** 2) + jnp.sum(jnp.abs(w * phix))
 
@@ -140,7 +147,7 @@ def _sparse_pass(state: _State, y, spec, w, tau, sigma, rho, tol, max_iter):
         phix = s.phix + rho * (phi_half - s.phix)
         u = s.u + rho * (u_half - s.u)
         cost = _sparse_cost(y, hx, phix, w)
-        done = jnp.abs(cost - s.cost) <= tol * jnp.abs(s.cost)
+        done = _stalled(cost, s.cost, tol)
         return _State(x, hx, phix, u, cost, s.k_pass + 1, s.k_total + 1, done)
 
     return lax.while_loop(cond, body, state)
@@ -211,7 +218,7 @@ def _solve_lowrank(y, x0, spec, lam, tau, sigma, rho, tol, max_iter):
         hx_new = hx + rho * (hx_half - hx)
         u_new = u + rho * (u_half - u)
         cost_new = cost_of(hx_new, x_new)
-        return x_new, hx_new, u_new, cost_new, k + 1, jnp.abs(cost_new - cost) <= tol * jnp.abs(cost)
+        return x_new, hx_new, u_new, cost_new, k + 1, _stalled(cost_new, cost, tol)
 
     hx0 = convolve(x0, spec)
     init = (x0, hx0, jnp.zeros_like(x0), cost_of(hx0, x0), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
