@@ -24,6 +24,7 @@ RUNS = {
     "deconvolve": ([], ["--quick"]),
     "catalog_speed": ([], ["--n-sources", "64"]),
     "catalog_accuracy": ([], ["--n-sources", "120"]),
+    "catalog_calibration": ([], ["--n-sources", "64"]),
 }
 
 

@@ -110,8 +110,10 @@ def test_accuracy_against_skyfield_and_astropy(scene):
     sip = np.arange(len(err)) % 2 == 1
     print(f"\n{len(err)} orbits: RMS {rms:.2e} px, worst {worst:.2e} px (TAN worst {err[~sip].max():.2e}, "
           f"SIP worst {err[sip].max():.2e}); intersect {elapsed:.1f} s, skyfield reference {scene['t_ref']:.1f} s")
-    assert rms <= 1e-4
-    assert worst <= 1e-3
+    # README: 3e-6 px RMS, 6e-5 px worst. Measured (JAX 0.10.2, CPU): RMS 2.70e-6 px, worst 6.09e-5
+    # px (a TAN image; SIP worst 3.08e-5); the bounds sit a little above what is measured.
+    assert rms <= 3e-6
+    assert worst <= 6.5e-5
 
 
 def test_bounds_and_batch_invariance(scene):
