@@ -11,7 +11,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip "setuptools>=68" wheel
 	$(VENV)/bin/python -m pip install --quiet -e ".[test,bench]"
 	@touch $(STAMP)
 
@@ -24,9 +24,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests
 
+# snakefmt, then Snakemake's linter, also under the Slurm profile (its set-resources choose the
+# GPU rules' conda environments when the workflow is parsed).
 lint: $(STAMP)
 	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
 	$(VENV)/bin/snakemake --lint
+	$(VENV)/bin/snakemake --lint --profile profiles/slurm
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run_all

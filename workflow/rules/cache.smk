@@ -6,13 +6,13 @@ rule build_tile_cache:
         images=result("images.parquet"),
     output:
         cache=CACHE / "partition_{partition}.tiles",
-    params:
-        tile_px=config["cache"]["tile_px"],
-    conda:
-        CONDA_ENV
     log:
         log_path("build_tile_cache", "_{partition}"),
     benchmark:
         bench_path("build_tile_cache", "_{partition}")
+    conda:
+        CONDA_ENV
+    params:
+        tile_px=config["cache"]["tile_px"],
     script:
         "../scripts/build_tile_cache.py"

@@ -6,16 +6,16 @@ rule detect_sources:
         unpack(candidate_inputs),
     output:
         candidates=result("catalog", "candidates.parquet"),
-    params:
-        source=config["catalog"]["source"],
-        detect_thresh_sigma=config["catalog"]["detect_thresh_sigma"],
-        match_radius_arcsec=config["catalog"]["match_radius_arcsec"],
-    conda:
-        CONDA_ENV
     log:
         log_path("detect_sources"),
     benchmark:
         bench_path("detect_sources")
+    conda:
+        CONDA_ENV
+    params:
+        source=config["catalog"]["source"],
+        detect_thresh_sigma=config["catalog"]["detect_thresh_sigma"],
+        match_radius_arcsec=config["catalog"]["match_radius_arcsec"],
     script:
         "../scripts/detect_sources.py"
 
@@ -26,14 +26,14 @@ checkpoint plan_regions:
     output:
         regions=result("catalog", "regions.parquet"),
         plan=result("catalog", "regions.json"),
-    params:
-        max_sources_per_region=config["catalog"]["max_sources_per_region"],
-    conda:
-        CONDA_ENV
     log:
         log_path("plan_regions"),
     benchmark:
         bench_path("plan_regions")
+    conda:
+        CONDA_ENV
+    params:
+        max_sources_per_region=config["catalog"]["max_sources_per_region"],
     script:
         "../scripts/plan_regions.py"
 
@@ -44,18 +44,18 @@ rule fit_region:
         images=result("images.parquet"),
     output:
         catalog=result("catalog", "regions", "region_{region}.parquet"),
+    log:
+        log_path("fit_region", "_{region}"),
+    benchmark:
+        bench_path("fit_region", "_{region}")
+    conda:
+        gpu_env("fit_region")
     params:
         margin_arcsec=config["catalog"]["margin_arcsec"],
         patch_px=config["catalog"]["patch_px"],
         tol=config["catalog"]["tol"],
         max_iter=config["catalog"]["max_iter"],
         max_images=config["catalog"]["max_images"],
-    conda:
-        gpu_env("fit_region")
-    log:
-        log_path("fit_region", "_{region}"),
-    benchmark:
-        bench_path("fit_region", "_{region}")
     script:
         "../scripts/fit_region.py"
 
@@ -66,12 +66,16 @@ rule merge_catalog:
     output:
         catalog=result("catalog.parquet"),
         fits=result("catalog.fits"),
-        figure=report(result("catalog", "uncertainties.png"), caption="../report/catalog.rst", category="Catalog"),
-    conda:
-        CONDA_ENV
+        figure=report(
+            result("catalog", "uncertainties.png"),
+            caption="../report/catalog.rst",
+            category="Catalog",
+        ),
     log:
         log_path("merge_catalog"),
     benchmark:
         bench_path("merge_catalog")
+    conda:
+        CONDA_ENV
     script:
         "../scripts/merge_catalog.py"

@@ -2,11 +2,13 @@
 import os
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from skystack.core.config import SCHEMA_PATH
-
-validate(config, schema=str(SCHEMA_PATH))
+# The one schema (a link to src/skystack/core/config.schema.yaml, which load_config reads), taken
+# relative to this file so that parsing the workflow (snakemake --lint, --dry-run) does not need
+# skystack importable.
+validate(config, schema="../schemas/config.schema.yaml")
 
 EXPERIMENT = config["experiment"]
 RESULTS = Path(config["results_dir"]) / EXPERIMENT
@@ -14,21 +16,58 @@ CACHE = Path(config["cache_dir"]) / EXPERIMENT
 PARTITIONS = list(range(config["partitions"]))
 CONDA_ENV = "../../envs/cpu.yaml"  # relative to the rule files
 CUDA_ENV = "../../envs/cuda.yaml"
-KNOWN_OBJECTS = str(Path(workflow.basedir) / "resources" / "known_objects.csv")
+# The repository: two levels above this file. Not workflow.basedir, which is the directory of the
+# *main* Snakefile, i.e. another workflow's when skystack is used as a module.
+REPO_DIR = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parents[1]
+KNOWN_OBJECTS = str(REPO_DIR / "resources" / "known_objects.csv")
 DECONV = config["deconvolve"]
 # Low-rank deconvolution couples all stamps: one shard.
 DECONV_SHARDS = list(range(1 if DECONV["mode"] == "lowrank" else DECONV["shards"]))
 # The settings deconvolve_shard uses (extraction settings rerun extraction only).
-DECONV_SOLVER_KEYS = ("n_scales", "kappa", "n_reweights", "tol", "max_iter", "mode", "dtype")
+DECONV_SOLVER_KEYS = (
+    "n_scales",
+    "kappa",
+    "n_reweights",
+    "tol",
+    "max_iter",
+    "mode",
+    "dtype",
+)
+
+
+def requested_gpus(rule):
+    """The ``gpu`` resource that --set-resources (or a profile's set-resources) gives ``rule``.
+
+    Snakemake 9 keeps these as parsed ``Resources`` mappings of ``Resource`` objects (whose
+    ``get`` takes no default); plain mappings of numbers are accepted too. The rule is looked up
+    under the name Snakemake gives it, which is another when skystack is used as a module
+    (skystack_search_shard, with ``use rule * from skystack as skystack_*``).
+    """
+    name = workflow.modifier.modify_rulename(rule)
+    requested = (workflow.resource_settings.overwrite_resources or {}).get(name) or {}
+    if "gpu" not in requested:
+        return 0
+    gpus = requested["gpu"]
+    if hasattr(gpus, "is_evaluable"):  # a parsed Resource
+        if gpus.is_evaluable():
+            raise WorkflowError(
+                f"set-resources {name}:gpu must be a plain number (it chooses the rule's conda "
+                f"environment when the workflow is parsed), not an expression"
+            )
+        gpus = gpus.value
+    try:
+        return int(gpus or 0)
+    except (TypeError, ValueError):
+        raise WorkflowError(
+            f"set-resources {name}:gpu must be a number, got {gpus!r}"
+        ) from None
 
 
 def gpu_env(rule):
     """The conda environment of a JAX rule: envs/cuda.yaml where the profile gives the rule a
-    GPU (``set-resources: <rule>: gpu: N`` with N > 0, as profiles/slurm does), else the CPU one."""
-    requested = workflow.resource_settings.overwrite_resources.get(rule, {})
-    gpus = requested.get("gpu", 0) if hasattr(requested, "get") else getattr(requested, "gpu", 0)
-    gpus = getattr(gpus, "value", gpus)  # a parsed Resource or a plain number
-    return CUDA_ENV if gpus and int(gpus) > 0 else CONDA_ENV
+    GPU (``set-resources: <rule>: gpu: N`` with N > 0, as profiles/slurm does), else the CPU one.
+    """
+    return CUDA_ENV if requested_gpus(rule) > 0 else CONDA_ENV
 
 
 def result(*parts):
@@ -52,14 +91,18 @@ def survey_inputs():
     """The survey the index reads: the simulated images, or the configured files."""
     if config["survey"]["source"] == "simulate":
         return {"images": result("survey", "images")}
-    from skystack.survey import expand_paths
+    from skystack.survey.index import expand_paths
 
     return {"files": expand_paths(config["survey"]["paths"])}
 
 
 def all_targets():
     """Every stage's final outputs."""
-    targets = [result("images.parquet"), result("detections.parquet"), result("report", "snr_histogram.png")]
+    targets = [
+        result("images.parquet"),
+        result("detections.parquet"),
+        result("report", "snr_histogram.png"),
+    ]
     targets += [cache_file(p) for p in PARTITIONS]
     return targets + catalog_targets() + deconvolve_targets()
 
@@ -70,7 +113,9 @@ def orbit_plan_inputs(wildcards):
     o = config["orbits"]
     if o["source"] == "truth" or o["include_truth"]:
         if config["survey"]["source"] != "simulate":
-            raise ValueError("orbits: source 'truth' / include_truth need survey.source: simulate")
+            raise ValueError(
+                "orbits: source 'truth' / include_truth need survey.source: simulate"
+            )
         inputs["truth"] = result("survey", "orbits.parquet")
     if o["source"] == "file":
         if not o["path"]:
@@ -81,7 +126,9 @@ def orbit_plan_inputs(wildcards):
 
 def star_mask_input():
     """The catalog's bright-star mask when the catalog stage runs, else nothing."""
-    return [result("search", "star_mask.parquet")] if config["catalog"]["enabled"] else []
+    return (
+        [result("search", "star_mask.parquet")] if config["catalog"]["enabled"] else []
+    )
 
 
 def combined_chunks(wildcards):
@@ -97,11 +144,17 @@ def truth_input():
     """The simulated truth (orbits and injected positions), when the survey is simulated."""
     if config["survey"]["source"] != "simulate":
         return []
-    return [result("survey", "orbits.parquet"), result("survey", "injected.parquet"), result("images.parquet")]
+    return [
+        result("survey", "orbits.parquet"),
+        result("survey", "injected.parquet"),
+        result("images.parquet"),
+    ]
 
 
 def combined_candidates(wildcards):
-    return [p.replace(".parquet", "_candidates.parquet") for p in combined_chunks(wildcards)]
+    return [
+        p.replace(".parquet", "_candidates.parquet") for p in combined_chunks(wildcards)
+    ]
 
 
 # ----------------------------------------------------------------------------- catalog
@@ -126,31 +179,47 @@ def region_catalogs(wildcards):
 
     with open(checkpoints.plan_regions.get().output.plan) as fh:
         n_regions = json.load(fh)["n_regions"]
-    return [result("catalog", "regions", f"region_{r}.parquet") for r in range(n_regions)]
+    return [
+        result("catalog", "regions", f"region_{r}.parquet") for r in range(n_regions)
+    ]
 
 
 # ----------------------------------------------------------------------------- deconvolution
 def deconvolve_targets():
     if not DECONV["enabled"]:
         return []
-    return [result("deconvolved", "deconvolved.fits"), result("deconvolved", "diagnostics.parquet")]
+    return [
+        result("deconvolved", "deconvolved.fits"),
+        result("deconvolved", "diagnostics.parquet"),
+    ]
 
 
 def repo_path(path):
     """A config path, relative ones taken from the repository (the Snakefile's directory)."""
-    return str(Path(workflow.basedir) / path) if not os.path.isabs(path) else path
+    return str(REPO_DIR / path) if not os.path.isabs(path) else path
 
 
 def stamp_sources(wildcards):
     source = DECONV["source"]
     if source == "stacks":
         if not (DECONV["stamps_path"] and DECONV["psfs_path"]):
-            raise ValueError("deconvolve.stamps_path and deconvolve.psfs_path: required when deconvolve.source is 'stacks'")
-        return {"stamps": repo_path(DECONV["stamps_path"]), "psfs": repo_path(DECONV["psfs_path"])}
+            raise ValueError(
+                "deconvolve.stamps_path and deconvolve.psfs_path: required when deconvolve.source is 'stacks'"
+            )
+        return {
+            "stamps": repo_path(DECONV["stamps_path"]),
+            "psfs": repo_path(DECONV["psfs_path"]),
+        }
     if source == "catalog":
         if not config["catalog"]["enabled"]:
             raise ValueError("deconvolve.source 'catalog' needs catalog.enabled: true")
-        return {"galaxies": result("catalog.parquet"), "images": result("images.parquet")}
+        return {
+            "galaxies": result("catalog.parquet"),
+            "images": result("images.parquet"),
+        }
     if config["survey"]["source"] != "simulate":
         raise ValueError("deconvolve.source 'truth' needs survey.source: simulate")
-    return {"galaxies": result("survey", "sources.parquet"), "images": result("images.parquet")}
+    return {
+        "galaxies": result("survey", "sources.parquet"),
+        "images": result("images.parquet"),
+    }

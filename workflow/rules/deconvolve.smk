@@ -12,14 +12,14 @@ rule extract_stamps:
         stamps=result("deconvolve", "stamps.npy"),
         psfs=result("deconvolve", "psfs.npy"),
         meta=result("deconvolve", "stamps.parquet"),
-    params:
-        deconvolve={k: DECONV[k] for k in ("source", "band", "stamp_px", "max_stamps")},
-    conda:
-        CONDA_ENV
     log:
         log_path("extract_stamps"),
     benchmark:
         bench_path("extract_stamps")
+    conda:
+        CONDA_ENV
+    params:
+        deconvolve={k: DECONV[k] for k in ("source", "band", "stamp_px", "max_stamps")},
     script:
         "../scripts/extract_stamps.py"
 
@@ -32,15 +32,15 @@ rule deconvolve_shard:
     output:
         deconvolved=result("deconvolve", "shards", "shard_{shard}.npy"),
         diagnostics=result("deconvolve", "shards", "shard_{shard}.parquet"),
-    params:
-        deconvolve={k: DECONV[k] for k in DECONV_SOLVER_KEYS},
-        n_shards=len(DECONV_SHARDS),
-    conda:
-        gpu_env("deconvolve_shard")
     log:
         log_path("deconvolve_shard", "_{shard}"),
     benchmark:
         bench_path("deconvolve_shard", "_{shard}")
+    conda:
+        gpu_env("deconvolve_shard")
+    params:
+        deconvolve={k: DECONV[k] for k in DECONV_SOLVER_KEYS},
+        n_shards=len(DECONV_SHARDS),
     script:
         "../scripts/deconvolve_shard.py"
 
@@ -50,19 +50,28 @@ rule merge_deconvolved:
         stamps=result("deconvolve", "stamps.npy"),
         psfs=result("deconvolve", "psfs.npy"),
         meta=result("deconvolve", "stamps.parquet"),
-        deconvolved=expand(result("deconvolve", "shards", "shard_{shard}.npy"), shard=DECONV_SHARDS),
-        diagnostics=expand(result("deconvolve", "shards", "shard_{shard}.parquet"), shard=DECONV_SHARDS),
+        deconvolved=expand(
+            result("deconvolve", "shards", "shard_{shard}.npy"), shard=DECONV_SHARDS
+        ),
+        diagnostics=expand(
+            result("deconvolve", "shards", "shard_{shard}.parquet"),
+            shard=DECONV_SHARDS,
+        ),
     output:
         cube=result("deconvolved", "deconvolved.fits"),
         diagnostics=result("deconvolved", "diagnostics.parquet"),
-        figure=report(result("deconvolved", "examples.png"), caption="../report/deconvolve.rst", category="Deconvolution"),
-    params:
-        mode=DECONV["mode"],
-    conda:
-        CONDA_ENV
+        figure=report(
+            result("deconvolved", "examples.png"),
+            caption="../report/deconvolve.rst",
+            category="Deconvolution",
+        ),
     log:
         log_path("merge_deconvolved"),
     benchmark:
         bench_path("merge_deconvolved")
+    conda:
+        CONDA_ENV
+    params:
+        mode=DECONV["mode"],
     script:
         "../scripts/merge_deconvolved.py"

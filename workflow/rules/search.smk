@@ -7,15 +7,15 @@ checkpoint plan_orbits:
     output:
         listed=result("search", "orbits_listed.parquet"),
         plan=result("search", "plan.json"),
-    params:
-        orbits=config["orbits"],
-        seed=config["seed"],
-    conda:
-        CONDA_ENV
     log:
         log_path("plan_orbits"),
     benchmark:
         bench_path("plan_orbits")
+    conda:
+        CONDA_ENV
+    params:
+        orbits=config["orbits"],
+        seed=config["seed"],
     script:
         "../scripts/plan_orbits.py"
 
@@ -28,19 +28,19 @@ rule search_shard:
         plan=result("search", "plan.json"),
     output:
         partials=result("search", "partials", "chunk{chunk}_p{partition}.parquet"),
-    params:
-        images=config["search"]["images"],
-        smoothing_sigma_px=config["search"]["smoothing_sigma_px"],
-        max_batch_mb=config["search"]["max_batch_mb"],
-        staging_dir=config["search"]["staging_dir"],
-    conda:
-        gpu_env("search_shard")
     log:
         log_path("search_shard", "_{chunk}_{partition}"),
     benchmark:
         bench_path("search_shard", "_{chunk}_{partition}")
     group:
         "search"
+    conda:
+        gpu_env("search_shard")
+    params:
+        images=config["search"]["images"],
+        smoothing_sigma_px=config["search"]["smoothing_sigma_px"],
+        max_batch_mb=config["search"]["max_batch_mb"],
+        staging_dir=config["search"]["staging_dir"],
     script:
         "../scripts/search_shard.py"
 
@@ -50,39 +50,42 @@ rule star_mask:
         catalog=result("catalog.parquet"),
     output:
         stars=result("search", "star_mask.parquet"),
-    params:
-        star_mask_mag=config["search"]["star_mask_mag"],
-    conda:
-        CONDA_ENV
     log:
         log_path("star_mask"),
     benchmark:
         bench_path("star_mask")
+    conda:
+        CONDA_ENV
+    params:
+        star_mask_mag=config["search"]["star_mask_mag"],
     script:
         "../scripts/star_mask.py"
 
 
 rule combine_chunk:
     input:
-        partials=expand(result("search", "partials", "chunk{{chunk}}_p{partition}.parquet"), partition=PARTITIONS),
+        partials=expand(
+            result("search", "partials", "chunk{{chunk}}_p{partition}.parquet"),
+            partition=PARTITIONS,
+        ),
         images=result("images.parquet"),
         stars=star_mask_input(),
     output:
         combined=result("search", "combined", "chunk{chunk}.parquet"),
         candidates=result("search", "combined", "chunk{chunk}_candidates.parquet"),
-    params:
-        sigma_g_clip=config["search"]["sigma_g_clip"],
-        snr_threshold=config["search"]["snr_threshold"],
-        min_images=config["search"]["min_images"],
-        star_mask_radius_arcsec=config["search"]["star_mask_radius_arcsec"],
-    conda:
-        CONDA_ENV
     log:
         log_path("combine_chunk", "_{chunk}"),
     benchmark:
         bench_path("combine_chunk", "_{chunk}")
     group:
         "search"
+    conda:
+        CONDA_ENV
+    params:
+        sigma_g_clip=config["search"]["sigma_g_clip"],
+        snr_threshold=config["search"]["snr_threshold"],
+        min_images=config["search"]["min_images"],
+        star_mask_radius_arcsec=config["search"]["star_mask_radius_arcsec"],
     script:
         "../scripts/combine_chunk.py"
 
@@ -100,15 +103,15 @@ rule merge_detections:
         light_curves=result("light_curves.ecsv"),
         all_orbits=result("search", "all_orbits.parquet"),
         plots=directory(result("detections")),
-    params:
-        snr_threshold=config["search"]["snr_threshold"],
-        min_images=config["search"]["min_images"],
-    conda:
-        CONDA_ENV
     log:
         log_path("merge_detections"),
     benchmark:
         bench_path("merge_detections")
+    conda:
+        CONDA_ENV
+    params:
+        snr_threshold=config["search"]["snr_threshold"],
+        min_images=config["search"]["min_images"],
     script:
         "../scripts/merge_detections.py"
 
@@ -122,17 +125,29 @@ rule search_report:
         truth=truth_input(),
         candidates_of=combined_chunks,
     output:
-        histogram=report(result("report", "snr_histogram.png"), caption="../report/snr_histogram.rst", category="Orbit search"),
-        completeness=report(result("report", "completeness.png"), caption="../report/completeness.rst", category="Orbit search"),
-        grid=report(result("report", "snr_grid.png"), caption="../report/snr_grid.rst", category="Orbit search"),
+        histogram=report(
+            result("report", "snr_histogram.png"),
+            caption="../report/snr_histogram.rst",
+            category="Orbit search",
+        ),
+        completeness=report(
+            result("report", "completeness.png"),
+            caption="../report/completeness.rst",
+            category="Orbit search",
+        ),
+        grid=report(
+            result("report", "snr_grid.png"),
+            caption="../report/snr_grid.rst",
+            category="Orbit search",
+        ),
         recovered=result("report", "recovered.parquet"),
-    params:
-        snr_threshold=config["search"]["snr_threshold"],
-    conda:
-        CONDA_ENV
     log:
         log_path("search_report"),
     benchmark:
         bench_path("search_report")
+    conda:
+        CONDA_ENV
+    params:
+        snr_threshold=config["search"]["snr_threshold"],
     script:
         "../scripts/search_report.py"

@@ -2,22 +2,22 @@
 
 
 rule simulate_survey:
+    input:
+        known_objects=KNOWN_OBJECTS,
     output:
         images=directory(result("survey", "images")),
         orbits=result("survey", "orbits.parquet"),
         sources=result("survey", "sources.parquet"),
         injected=result("survey", "injected.parquet"),
-    input:
-        known_objects=KNOWN_OBJECTS,
-    params:
-        simulate=lambda wc: {**config["survey"]["simulate"], "seed": config["seed"]},
-    conda:
-        CONDA_ENV
     log:
         log_path("simulate_survey"),
     benchmark:
         bench_path("simulate_survey")
+    conda:
+        CONDA_ENV
     threads: 1
+    params:
+        simulate=lambda wc: {**config["survey"]["simulate"], "seed": config["seed"]},
     script:
         "../scripts/simulate_survey.py"
 
@@ -28,15 +28,15 @@ rule index_survey:
     output:
         images=result("images.parquet"),
         rejected=result("rejected_images.parquet"),
-    params:
-        site=config["survey"]["site"],
-        on_bad_image=config["survey"]["on_bad_image"],
-        partitions=config["partitions"],
-    conda:
-        CONDA_ENV
     log:
         log_path("index_survey"),
     benchmark:
         bench_path("index_survey")
+    conda:
+        CONDA_ENV
+    params:
+        site=config["survey"]["site"],
+        on_bad_image=config["survey"]["on_bad_image"],
+        partitions=config["partitions"],
     script:
         "../scripts/index_survey.py"

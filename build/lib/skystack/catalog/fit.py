@@ -1,0 +1,449 @@
+"""Fit the sources of one region: per-source variational inference, batched.
+
+Each source is fitted twice, as a star and as a galaxy, by trust-region Newton on the
+negative ELBO (``elbo.py``), many sources at once (``vmap``) on fixed-size patches
+(``patch_px`` square, one per image the source falls on, padded to a fixed image count).
+Neighbours within a region are handled by block-coordinate passes, as in Celeste: in each
+pass every source is fitted with all other sources (region members at their current
+estimates, sources of other regions at their given values, held fixed) rendered into its
+patches as part of the background. Isolated sources need one pass.
+
+Type: ``q(star) = p(star) Z_star / sum_a p(a) Z_a`` where ``ln Z_a`` is the type's ELBO
+plus the Laplace volume of its point-estimated parameters (position, shape). Without that
+volume a galaxy, having four more free parameters, would always fit a little better.
+
+Uncertainties: mean-field VI underestimates variances, so the reported standard
+deviations come from the inverse of the negative ELBO's Hessian over all mean parameters of
+the source (position, reference flux, colours and, for galaxies, shape): the Laplace /
+linear-response covariance. Per-type results are combined as a two-component mixture.
+"""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from . import elbo as E
+from .data import ImageData, sky_to_pixel_jacobian
+from .optimize import minimize_batch
+from .priors import (
+    MAG_TO_LN,
+    NMGY_ZERO_MAG,
+    color_names,
+    merged_priors,
+    reference_band_index,
+    sort_bands,
+    type_prior_arrays,
+)
+
+log = logging.getLogger(__name__)
+
+LN_SD_INIT = np.log(0.1)
+PAIR_REACH_PX = 12.0      # light of a source further than this outside a patch is ignored
+
+
+# ----------------------------------------------------------------------------- objectives
+@lru_cache(maxsize=None)
+def _negative_elbo(layout: E.Layout, size_px: int):
+    """The per-source objective for a type and patch size (cached: one jit per shape)."""
+
+    def neg_elbo(x, patches, prior):
+        return -E.elbo(x, patches, prior, layout, size_px)
+
+    return neg_elbo
+
+
+@lru_cache(maxsize=None)
+def _renderer(layout_s: E.Layout, layout_g: E.Layout, size_px: int):
+    """Expected counts of sources (type mixture) on patches, batched over pairs."""
+
+    def one(x_s, x_g, p_star, geom, band):
+        out = []
+        for x, lay in ((x_s, layout_s), (x_g, layout_g)):
+            m, v = E.band_log_moments(x, lay)
+            out.append(jnp.exp(m[band] + 0.5 * v[band]) * E.unit_profile(x, geom, lay, size_px))
+        return p_star * out[0] + (1.0 - p_star) * out[1]
+
+    return jax.jit(jax.vmap(one))
+
+
+# ----------------------------------------------------------------------------- set-up
+def _initial_vectors(table: pd.DataFrame, bands, ref, lay_s: E.Layout, lay_g: E.Layout, prior_s, prior_g):
+    """Starting parameter vectors (star, galaxy) and type probabilities from a table."""
+    n = len(table)
+    ref_col = f"flux_{bands[ref]}_nmgy" if f"flux_{bands[ref]}_nmgy" in table else "flux_r_nmgy"
+    f_ref = np.clip(np.nan_to_num(table[ref_col].to_numpy(float), nan=0.1), 1e-3, None)
+    fluxes = np.stack([table[f"flux_{b}_nmgy"].to_numpy(float) if f"flux_{b}_nmgy" in table
+                       else np.full(n, np.nan) for b in bands], -1)
+    fluxes[:, ref] = f_ref
+    xs = np.zeros((n, lay_s.size))
+    xg = np.zeros((n, lay_g.size))
+    for x, lay, prior in ((xs, lay_s, prior_s), (xg, lay_g, prior_g)):
+        colors = np.log(fluxes[:, 1:] / fluxes[:, :-1]) if lay.n_colors else np.zeros((n, 0))
+        colors = np.where(np.isfinite(colors), np.clip(colors, -3, 3), prior["color_mean"])
+        x[:, lay.mu_ref] = np.log(f_ref)
+        x[:, lay.colors] = colors
+        x[:, lay.ln_sd_ref] = LN_SD_INIT
+        x[:, lay.ln_sd_colors] = LN_SD_INIT
+    radius = table["gal_radius_arcsec"].to_numpy(float) if "gal_radius_arcsec" in table else np.full(n, 1.0)
+    q = table["gal_axis_ratio"].to_numpy(float) if "gal_axis_ratio" in table else np.full(n, 0.8)
+    angle = np.radians(table["gal_angle_deg"].to_numpy(float)) if "gal_angle_deg" in table else np.zeros(n)
+    fdev = table["gal_frac_dev"].to_numpy(float) if "gal_frac_dev" in table else np.full(n, 0.5)
+    radius = np.clip(np.nan_to_num(radius, nan=1.0), 0.2, 20.0)
+    q = np.clip(np.nan_to_num(q, nan=0.8), 0.1, 0.98)
+    fdev = np.clip(np.nan_to_num(fdev, nan=0.5), 0.05, 0.95)
+    angle = np.nan_to_num(angle)
+    s = lay_g.shape.start
+    xg[:, s] = np.log(fdev / (1 - fdev))
+    xg[:, s + 1] = -np.log(q) * np.cos(2 * angle)
+    xg[:, s + 2] = -np.log(q) * np.sin(2 * angle)
+    xg[:, s + 3] = np.log(radius)
+    if "p_star" in table:
+        p = np.clip(np.nan_to_num(table["p_star"].to_numpy(float), nan=0.5), 0.0, 1.0)
+    elif "is_star" in table:
+        p = np.where(table["is_star"].to_numpy(bool), 0.9, 0.1)
+    else:
+        p = np.full(n, 0.5)
+    return xs, xg, p
+
+
+def _cut(padded: np.ndarray, pad: int, ix0: int, iy0: int, size: int) -> np.ndarray:
+    return padded[iy0 + pad: iy0 + pad + size, ix0 + pad: ix0 + pad + size]
+
+
+class _Scene:
+    """Geometry of every source in every image, and the fixed-shape patch arrays."""
+
+    def __init__(self, table, images: list[ImageData], bands, size_px: int, max_images: int | None):
+        self.size = size_px
+        half = size_px // 2
+        ra, dec = table["ra"].to_numpy(float), table["dec"].to_numpy(float)
+        fit_rows = np.flatnonzero(table["_fit"].to_numpy(bool))
+        self.fit_rows = fit_rows
+        self.xy, self.jac, self.near = [], [], []
+        for im in images:
+            xy, jac = sky_to_pixel_jacobian(im.wcs, ra, dec, shape_yx=im.shape)
+            ny, nx = im.shape
+            near = ((xy[:, 0] > -half - PAIR_REACH_PX) & (xy[:, 0] < nx - 1 + half + PAIR_REACH_PX)
+                    & (xy[:, 1] > -half - PAIR_REACH_PX) & (xy[:, 1] < ny - 1 + half + PAIR_REACH_PX))
+            self.xy.append(xy)
+            self.jac.append(jac)
+            self.near.append(near)
+        k_psf = max(im.psf_at(*((np.array(im.shape[::-1]) - 1) / 2)).n_components for im in images)
+        self.k_psf = k_psf
+        # Which images each fitted source is fitted on: its position inside the image.
+        slots = []
+        for s in fit_rows:
+            mine = [n for n, im in enumerate(images)
+                    if -0.5 <= self.xy[n][s, 0] < im.shape[1] - 0.5 and -0.5 <= self.xy[n][s, 1] < im.shape[0] - 0.5]
+            if max_images is not None:
+                mine = mine[:max_images]
+            slots.append(mine)
+        self.slots = slots
+        n_slot = max([len(m) for m in slots] + [1])
+        n_slot = int(4 * np.ceil(n_slot / 4))
+        self.n_slot = n_slot
+        S, P = len(fit_rows), size_px
+        band_index = {b: i for i, b in enumerate(bands)}
+        self.band_index = band_index
+        g = dict(origin=np.zeros((S, n_slot, 2)), jac=np.broadcast_to(np.eye(2), (S, n_slot, 2, 2)).copy(),
+                 psf_amp=np.zeros((S, n_slot, k_psf)), psf_mean=np.zeros((S, n_slot, k_psf, 2)),
+                 psf_cov=np.broadcast_to(np.eye(2), (S, n_slot, k_psf, 2, 2)).copy(),
+                 counts_per_nmgy=np.ones((S, n_slot)), band=np.zeros((S, n_slot), np.int32),
+                 data=np.zeros((S, n_slot, P, P)), weight=np.zeros((S, n_slot, P, P)),
+                 bg=np.ones((S, n_slot, P, P)), var=np.ones((S, n_slot, P, P)),
+                 gain=np.ones((S, n_slot)), poisson=np.ones((S, n_slot), bool))
+        self.corner = np.zeros((S, n_slot, 2), int)
+        self.n_images = np.array([len(m) for m in slots])
+        padded = {}
+        for i, (s, mine) in enumerate(zip(fit_rows, slots)):
+            for j, n in enumerate(mine):
+                im = images[n]
+                if n not in padded:
+                    pad = P + 1
+                    padded[n] = (pad, np.pad(im.pixels, pad, constant_values=np.nan),
+                                 np.pad(im.sky_map(), pad), np.pad(im.variance_map(), pad, constant_values=1.0))
+                pad, pix, sky, var = padded[n]
+                x, y = self.xy[n][s]
+                ix0, iy0 = int(np.floor(x + 0.5)) - half, int(np.floor(y + 0.5)) - half
+                self.corner[i, j] = ix0, iy0
+                mix = im.psf_at(x, y).padded(k_psf)
+                g["origin"][i, j] = ix0 - x, iy0 - y
+                g["jac"][i, j] = self.jac[n][s]
+                g["psf_amp"][i, j], g["psf_mean"][i, j], g["psf_cov"][i, j] = mix.amp, mix.mean_px, mix.cov_px2
+                g["counts_per_nmgy"][i, j] = im.counts_per_nmgy
+                g["band"][i, j] = band_index[im.band]
+                d = _cut(pix, pad, ix0, iy0, P).astype(float)
+                ok = np.isfinite(d)
+                g["data"][i, j] = np.where(ok, d, 0.0)
+                g["weight"][i, j] = ok
+                g["bg"][i, j] = np.where(ok, _cut(sky, pad, ix0, iy0, P), 1.0)
+                g["var"][i, j] = np.where(ok, _cut(var, pad, ix0, iy0, P), 1.0)
+                g["gain"][i, j] = im.gain
+                g["poisson"][i, j] = not im.sky_subtracted
+        self.sky = g["bg"].copy()
+        self.arrays = g
+        self._pairs(table, images)
+
+    def _pairs(self, table, images):
+        """(fitted source slot, other source) pairs whose light reaches the slot's patch."""
+        half = self.size // 2
+        rows_i, rows_j, rows_t, origin, n_of = [], [], [], [], []
+        for i, (s, mine) in enumerate(zip(self.fit_rows, self.slots)):
+            for j, n in enumerate(mine):
+                cand = np.flatnonzero(self.near[n])
+                cand = cand[cand != s]
+                if cand.size == 0:
+                    continue
+                ix0, iy0 = self.corner[i, j]
+                xy = self.xy[n][cand]
+                close = ((xy[:, 0] > ix0 - PAIR_REACH_PX) & (xy[:, 0] < ix0 + 2 * half + PAIR_REACH_PX)
+                         & (xy[:, 1] > iy0 - PAIR_REACH_PX) & (xy[:, 1] < iy0 + 2 * half + PAIR_REACH_PX))
+                for t in cand[close]:
+                    rows_i.append(i), rows_j.append(j), rows_t.append(t), n_of.append(n)
+                    origin.append((ix0 - self.xy[n][t, 0], iy0 - self.xy[n][t, 1]))
+        self.pair_i, self.pair_j, self.pair_t = np.array(rows_i, int), np.array(rows_j, int), np.array(rows_t, int)
+        self.n_pairs = len(rows_i)
+        if not self.n_pairs:
+            return
+        m = self.n_pairs
+        k = self.k_psf
+        geom = dict(origin=np.array(origin), jac=np.zeros((m, 2, 2)), psf_amp=np.zeros((m, k)),
+                    psf_mean=np.zeros((m, k, 2)), psf_cov=np.zeros((m, k, 2, 2)), counts_per_nmgy=np.zeros(m))
+        band = np.zeros(m, np.int32)
+        for q, (t, n) in enumerate(zip(rows_t, n_of)):
+            im = images[n]
+            mix = im.psf_at(*self.xy[n][t]).padded(k)
+            geom["jac"][q] = self.jac[n][t]
+            geom["psf_amp"][q], geom["psf_mean"][q], geom["psf_cov"][q] = mix.amp, mix.mean_px, mix.cov_px2
+            geom["counts_per_nmgy"][q] = im.counts_per_nmgy
+            band[q] = self.band_index[im.band]
+        self.pair_geom, self.pair_band = geom, band
+
+    def background(self, xs, xg, p_star, renderer) -> np.ndarray:
+        """Sky plus every other source's expected counts on each fitted patch (ADU)."""
+        bg = self.sky.copy()
+        if not self.n_pairs:
+            return bg
+        m = self.n_pairs
+        m_pad = int(2 ** np.ceil(np.log2(max(m, 16))))
+        idx = np.r_[np.arange(m), np.zeros(m_pad - m, int)]
+        geom = {k: jnp.asarray(v[idx]) for k, v in self.pair_geom.items()}
+        t = self.pair_t[idx]
+        out = np.asarray(renderer(jnp.asarray(xs[t]), jnp.asarray(xg[t]), jnp.asarray(p_star[t]), geom,
+                                  jnp.asarray(self.pair_band[idx])))[:m]
+        add = np.zeros_like(bg)
+        np.add.at(add, (self.pair_i, self.pair_j), out)
+        w = self.arrays["weight"] > 0
+        return np.where(w, bg + add, bg)
+
+
+# ----------------------------------------------------------------------------- fitting
+def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size, vector_width, progress=None):
+    """Batched TR-Newton fits of all fitted sources as one type; fixed chunk shapes."""
+    fun = _negative_elbo(layout, scene.size)
+    S = len(scene.fit_rows)
+    out_x, out_f, out_h, out_it, out_conv = [], [], [], [], []
+    prior_j = {k: jnp.asarray(v) for k, v in prior.items()}
+    arrays = dict(scene.arrays, bg=bg)
+    for start in range(0, S, batch_size):
+        idx = np.arange(start, min(start + batch_size, S))
+        n_real = idx.size
+        idx = np.r_[idx, np.full(batch_size - n_real, idx[0])]
+        patches = {k: jnp.asarray(v[idx]) for k, v in arrays.items()}
+        if n_real < batch_size:
+            w = np.array(arrays["weight"][idx])
+            w[n_real:] = 0.0
+            patches["weight"] = jnp.asarray(w)
+        prior_b = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch_size,) + a.shape), prior_j)
+        res = minimize_batch(fun, jnp.asarray(x0[idx]), (patches, prior_b), tol=tol, max_iter=max_iter,
+                             radius0=0.5, max_radius=5.0, vector_width=vector_width)
+        out_x.append(np.asarray(res.x)[:n_real])
+        out_f.append(-np.asarray(res.value)[:n_real])
+        out_h.append(np.asarray(res.hess)[:n_real])
+        out_it.append(np.asarray(res.iterations)[:n_real])
+        out_conv.append(np.asarray(res.converged)[:n_real])
+        if progress is not None:
+            progress(start + n_real, S)
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,))  # noqa: E731
+    return cat(out_x), cat(out_f), cat(out_h), cat(out_it), cat(out_conv)
+
+
+def _safe_inverse(h: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric matrix with eigenvalues floored (non-converged fits)."""
+    w, v = np.linalg.eigh(h)
+    floor = max(1e-10 * np.max(np.abs(w)), 1e-12)
+    w = np.where(w > floor, w, np.maximum(np.abs(w), floor))
+    return (v / w) @ v.T
+
+
+def _laplace(layout: E.Layout, x, elbo_value, hess):
+    """Log evidence with the point parameters' Laplace volume, and the mean-parameter covariance."""
+    inv_full = _safe_inverse(hess)
+    pt = layout.point_index
+    block = inv_full[np.ix_(pt, pt)]
+    sign, logdet = np.linalg.slogdet(block)
+    log_z = elbo_value + 0.5 * (pt.size * np.log(2 * np.pi) + logdet)
+    mi = layout.mean_index
+    cov = _safe_inverse(hess[np.ix_(mi, mi)])
+    return log_z, cov
+
+
+def _type_summary(layout: E.Layout, x, cov):
+    """Means and variances of reported quantities for one type of one source."""
+    nb = layout.n_bands
+    signs = layout.band_signs
+    ln_mean = x[layout.mu_ref] + signs @ x[layout.colors]
+    ln_var_q = np.exp(2 * x[layout.ln_sd_ref]) + (signs**2) @ np.exp(2 * x[layout.ln_sd_colors])
+    flux = np.exp(ln_mean + 0.5 * ln_var_q)
+    # Mean-vector order: east, north, mu_ref, colours, shape.
+    t = np.zeros((nb, cov.shape[0]))
+    t[:, 2] = 1.0
+    t[:, 3:3 + layout.n_colors] = signs
+    ln_var = np.einsum("bi,ij,bj->b", t, cov, t)
+    out = {"east": (x[0], cov[0, 0]), "north": (x[1], cov[1, 1])}
+    for b in range(nb):
+        out[f"flux{b}"] = (flux[b], flux[b] ** 2 * ln_var[b])
+    for k in range(layout.n_colors):
+        out[f"color{k}"] = (x[3 + k], cov[3 + k, 3 + k])
+    return out
+
+
+def _mix(p, a, b):
+    """Mean and variance of a two-component mixture with weight p on a."""
+    (ma, va), (mb, vb) = a, b
+    mean = p * ma + (1 - p) * mb
+    return mean, p * va + (1 - p) * vb + p * (1 - p) * (ma - mb) ** 2
+
+
+def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: list[ImageData],
+               priors: dict | None = None, *, tol: float = 1e-5, max_iter: int = 50, n_passes: int = 3,
+               patch_px: int = 15, batch_size: int = 64, vector_width: int | None = None,
+               max_images: int | None = None, region: int = -1, progress=None) -> pd.DataFrame:
+    """Catalog of the sources of one region.
+
+    Parameters
+    ----------
+    sources : candidates to fit: ``ra``, ``dec`` (deg), ``flux_r_nmgy`` at least; optional
+        ``flux_<band>_nmgy``, ``p_star`` or ``is_star``, ``gal_radius_arcsec``,
+        ``gal_axis_ratio``, ``gal_angle_deg``, ``gal_frac_dev`` as starting values
+    neighbours : sources of other regions near this one (same columns), rendered at their
+        given values and held fixed; may be None or empty
+    images : every image overlapping the region (all bands, all epochs)
+    priors : overrides of ``priors.DEFAULT_PRIORS``
+    tol : Newton-decrement tolerance (nats) of the trust-region Newton iterations
+    max_iter : iteration limit per fit; sources not converged by then are flagged
+    n_passes : block-coordinate passes over the region (1 when no source overlaps another)
+    patch_px : side of the square patch (odd) fitted around a source in each image
+    batch_size : sources per compiled call (fixed, so one compilation serves all)
+    vector_width : sources fitted side by side within a call (None: 1 on CPU, the whole
+        batch on accelerators)
+    max_images : use at most this many images per source (None: all)
+    region : region id written to the output
+    progress : optional callable taking a message, called after each batch of sources
+
+    Returns
+    -------
+    DataFrame, one row per source of ``sources`` in input order (see ``catalog.OUTPUT_COLUMNS``).
+    """
+    if patch_px % 2 == 0:
+        raise ValueError("patch_px must be odd")
+    bands = sort_bands(im.band for im in images)
+    ref = reference_band_index(bands)
+    lay_s, lay_g = E.Layout(len(bands), ref, False), E.Layout(len(bands), ref, True)
+    prior_s = type_prior_arrays(priors, bands, "star")
+    prior_g = type_prior_arrays(priors, bands, "galaxy")
+    p_prior = float(merged_priors(priors)["p_star"])
+    neighbours = neighbours if neighbours is not None else sources.iloc[:0]
+    table = pd.concat([sources.assign(_fit=True), neighbours.assign(_fit=False)], ignore_index=True)
+    xs, xg, p_star = _initial_vectors(table, bands, ref, lay_s, lay_g, prior_s, prior_g)
+    n_fit = len(sources)
+    if n_fit == 0:
+        return empty_catalog(bands)
+    scene = _Scene(table, images, bands, patch_px, max_images)
+    renderer = _renderer(lay_s, lay_g, patch_px)
+    passes = n_passes if scene.n_pairs else 1
+    fit = scene.fit_rows
+    if vector_width is None:
+        vector_width = 1 if jax.default_backend() == "cpu" else batch_size
+    iterations = np.zeros(n_fit, int)
+    for n_pass in range(1, passes + 1):
+        def report(kind):
+            if progress is None:
+                return None
+            return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model: {done}/{total} sources")
+
+        bg = scene.background(xs, xg, p_star, renderer)
+        rs = _fit_type(lay_s, scene, xs[fit], bg, prior_s, tol=tol, max_iter=max_iter, batch_size=batch_size,
+                       vector_width=vector_width, progress=report("star"))
+        rg = _fit_type(lay_g, scene, xg[fit], bg, prior_g, tol=tol, max_iter=max_iter, batch_size=batch_size,
+                       vector_width=vector_width, progress=report("galaxy"))
+        xs[fit], xg[fit] = rs[0], rg[0]
+        iterations += np.maximum(rs[3], rg[3])
+        for i in range(n_fit):
+            lz_s, _ = _laplace(lay_s, rs[0][i], rs[1][i], rs[2][i])
+            lz_g, _ = _laplace(lay_g, rg[0][i], rg[1][i], rg[2][i])
+            log_odds = lz_s - lz_g + np.log(p_prior / (1 - p_prior))
+            p_star[fit[i]] = 1.0 / (1.0 + np.exp(-np.clip(log_odds, -700, 700)))
+    return _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star[fit], p_prior, scene, iterations, region)
+
+
+def _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star, p_prior, scene, iterations, region) -> pd.DataFrame:
+    n = len(sources)
+    colors = color_names(bands)
+    rows = []
+    ra0, dec0 = sources["ra"].to_numpy(float), sources["dec"].to_numpy(float)
+    for i in range(n):
+        p = float(p_star[i])
+        _, cov_s = _laplace(lay_s, rs[0][i], rs[1][i], rs[2][i])
+        _, cov_g = _laplace(lay_g, rg[0][i], rg[1][i], rg[2][i])
+        ss, sg = _type_summary(lay_s, rs[0][i], cov_s), _type_summary(lay_g, rg[0][i], cov_g)
+        mixed = {k: _mix(p, ss[k], sg[k]) for k in ss}
+        east, north = mixed["east"][0], mixed["north"][0]
+        dec = dec0[i] + north / 3600.0
+        ra = (ra0[i] + east / 3600.0 / np.cos(np.radians(dec0[i]))) % 360.0
+        row = {"ra": ra, "dec": dec, "ra_sd": np.sqrt(mixed["east"][1]), "dec_sd": np.sqrt(mixed["north"][1]),
+               "p_star": p}
+        for b, name in enumerate(bands):
+            f, v = mixed[f"flux{b}"]
+            row[f"flux_{name}_nmgy"] = f
+            row[f"flux_{name}_sd_nmgy"] = np.sqrt(v)
+            row[f"mag_{name}"] = NMGY_ZERO_MAG - 2.5 * np.log10(f) if f > 0 else np.nan
+        for k, name in enumerate(colors):
+            c, v = mixed[f"color{k}"]
+            row[f"color_{name}"] = c / MAG_TO_LN
+            row[f"color_{name}_sd"] = np.sqrt(v) / MAG_TO_LN
+        lf, u1, u2, ln_r = rg[0][i][lay_g.shape]
+        row["gal_frac_dev"] = 1.0 / (1.0 + np.exp(-lf))
+        row["gal_axis_ratio"] = float(np.exp(-np.hypot(u1, u2)))
+        row["gal_angle_deg"] = float(np.degrees(0.5 * np.arctan2(u2, u1)) % 180.0)
+        row["gal_radius_arcsec"] = float(np.exp(ln_r))
+        row["n_images"] = int(scene.n_images[i])
+        conv_s, conv_g = bool(rs[4][i]), bool(rg[4][i])
+        row["converged"] = (conv_s or p < 0.01) and (conv_g or p > 0.99)
+        row["iterations"] = int(iterations[i])
+        e_s, e_g = rs[1][i], rg[1][i]
+        row["elbo"] = float(np.logaddexp(np.log(p_prior) + e_s, np.log(1 - p_prior) + e_g))
+        row["region"] = int(region)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=output_columns(bands))
+
+
+def output_columns(bands) -> list[str]:
+    """Column order of a catalog for the given bands."""
+    bands = sort_bands(bands)
+    cols = ["ra", "dec", "ra_sd", "dec_sd", "p_star"]
+    for b in bands:
+        cols += [f"flux_{b}_nmgy", f"flux_{b}_sd_nmgy", f"mag_{b}"]
+    for c in color_names(bands):
+        cols += [f"color_{c}", f"color_{c}_sd"]
+    return cols + ["gal_frac_dev", "gal_axis_ratio", "gal_angle_deg", "gal_radius_arcsec", "n_images",
+                   "converged", "iterations", "elbo", "region"]
+
+
+def empty_catalog(bands) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=float) for c in output_columns(bands)})

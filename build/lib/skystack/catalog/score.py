@@ -1,0 +1,121 @@
+"""Score a catalog against the truth, as in Celeste's comparison table.
+
+Every true source is matched to the nearest catalog source within ``match_radius_arcsec``
+(each catalog source used once, closest pairs first). Errors are means of absolute
+differences over matched sources; shape errors use true galaxies only (angle only where
+the true axis ratio is below 0.8, so that the angle is defined); "missed" counts true
+sources of a type that are unmatched or given the other type.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from .priors import NMGY_ZERO_MAG
+
+
+def _tangent(ra, dec, ra0, dec0):
+    return np.stack([((ra - ra0 + 180) % 360 - 180) * np.cos(np.radians(dec0)), dec - dec0], -1) * 3600.0
+
+
+def match_catalog(catalog: pd.DataFrame, truth: pd.DataFrame, match_radius_arcsec: float = 2.0) -> np.ndarray:
+    """Index into ``catalog`` of each truth row's match, -1 when unmatched."""
+    out = np.full(len(truth), -1)
+    if len(catalog) == 0 or len(truth) == 0:
+        return out
+    ra0, dec0 = float(np.median(truth["ra"])), float(np.median(truth["dec"]))
+    t = _tangent(truth["ra"].to_numpy(float), truth["dec"].to_numpy(float), ra0, dec0)
+    c = _tangent(catalog["ra"].to_numpy(float), catalog["dec"].to_numpy(float), ra0, dec0)
+    k = min(4, len(catalog))
+    dist, idx = cKDTree(c).query(t, k=k, distance_upper_bound=match_radius_arcsec)
+    dist, idx = dist.reshape(len(t), k), idx.reshape(len(t), k)
+    pairs = sorted((d, i, j) for i in range(len(t)) for d, j in zip(dist[i], idx[i]) if np.isfinite(d))
+    used = set()
+    for d, i, j in pairs:
+        if out[i] < 0 and j not in used:
+            out[i] = j
+            used.add(j)
+    return out
+
+
+def _mag(f):
+    f = np.asarray(f, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(f > 0, NMGY_ZERO_MAG - 2.5 * np.log10(np.where(f > 0, f, 1.0)), np.nan)
+
+
+def _mean_abs(x):
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    return float(np.mean(np.abs(x))) if x.size else float("nan")
+
+
+def _within(err, sd):
+    err, sd = np.asarray(err, float), np.asarray(sd, float)
+    ok = np.isfinite(err) & np.isfinite(sd)
+    return float(np.mean(np.abs(err[ok]) <= sd[ok])) if ok.any() else float("nan")
+
+
+def score_catalog(catalog: pd.DataFrame, truth: pd.DataFrame, *, pixel_scale_arcsec: float = 1.0,
+                  match_radius_arcsec: float = 2.0, colors=("gr", "ri")) -> dict:
+    """Celeste-style error table of ``catalog`` against ``truth`` (see module docs).
+
+    Returns
+    -------
+    dict: n_truth, n_matched, position_px, missed_stars, missed_galaxies, mag_r,
+    color_<c>, frac_dev, axis_ratio, radius_arcsec, angle_deg, and the 1-sd calibration
+    fractions within1sd_flux_r, within1sd_<colour>, within1sd_position.
+    """
+    m = match_catalog(catalog, truth, match_radius_arcsec)
+    ok = m >= 0
+    t = truth[ok].reset_index(drop=True)
+    c = catalog.iloc[m[ok]].reset_index(drop=True)
+    is_star = truth["is_star"].to_numpy(bool)
+    p_star = np.full(len(truth), np.nan)
+    p_star[ok] = c["p_star"].to_numpy(float)
+    missed_stars = np.mean(~ok[is_star] | (p_star[is_star] < 0.5)) if is_star.any() else float("nan")
+    missed_gals = np.mean(~ok[~is_star] | (p_star[~is_star] >= 0.5)) if (~is_star).any() else float("nan")
+    cosd = np.cos(np.radians(t["dec"].to_numpy(float)))
+    d_east = ((c["ra"] - t["ra"] + 180) % 360 - 180).to_numpy(float) * cosd * 3600.0
+    d_north = (c["dec"] - t["dec"]).to_numpy(float) * 3600.0
+    out = {
+        "n_truth": int(len(truth)), "n_matched": int(ok.sum()),
+        "position_px": _mean_abs(np.hypot(d_east, d_north) / pixel_scale_arcsec),
+        "missed_stars": float(missed_stars), "missed_galaxies": float(missed_gals),
+        "mag_r": _mean_abs(_mag(c["flux_r_nmgy"]) - _mag(t["flux_r_nmgy"])),
+    }
+    for col in colors:
+        if f"color_{col}" in c and f"color_{col}" in t:
+            out[f"color_{col}"] = _mean_abs(c[f"color_{col}"] - t[f"color_{col}"])
+    gal = ~t["is_star"].to_numpy(bool)
+    for key, col in (("frac_dev", "gal_frac_dev"), ("axis_ratio", "gal_axis_ratio"),
+                     ("radius_arcsec", "gal_radius_arcsec")):
+        out[key] = _mean_abs((c[col] - t[col])[gal]) if col in c else float("nan")
+    if "gal_angle_deg" in c:
+        elongated = gal & (t["gal_axis_ratio"].to_numpy(float) < 0.8)
+        d = (c["gal_angle_deg"] - t["gal_angle_deg"]).to_numpy(float)
+        d = (d + 90.0) % 180.0 - 90.0
+        out["angle_deg"] = _mean_abs(d[elongated])
+    if "flux_r_sd_nmgy" in c:
+        out["within1sd_flux_r"] = _within(c["flux_r_nmgy"] - t["flux_r_nmgy"], c["flux_r_sd_nmgy"])
+    for col in colors:
+        if f"color_{col}_sd" in c and f"color_{col}" in t:
+            out[f"within1sd_color_{col}"] = _within(c[f"color_{col}"] - t[f"color_{col}"], c[f"color_{col}_sd"])
+    if "ra_sd" in c:
+        out["within1sd_position"] = _within(np.r_[d_east, d_north], np.r_[c["ra_sd"], c["dec_sd"]])
+    return out
+
+
+def markdown_table(scores: dict[str, dict]) -> str:
+    """Scores of several catalogs side by side as a Markdown table (rows = metrics)."""
+    names = list(scores)
+    keys = [k for k in scores[names[0]]]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        vals = []
+        for n in names:
+            v = scores[n].get(k, float("nan"))
+            vals.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append(f"| {k} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+"""The orbit-plan stage: the listed orbits and the plan of chunks, as files."""
+from __future__ import annotations
+
+import json
+import logging
+
+from ..core.io import atomic_path, write_parquet
+from .plan import plan_orbits
+
+
+def plan_stage(orbit_cfg: dict, seed: int, known_path, listed_out, plan_out, *, truth_path=None, file_path=None,
+               log: logging.Logger) -> dict:
+    """``plan_orbits``: orbits_listed.parquet and plan.json."""
+    listed, plan = plan_orbits(orbit_cfg, seed, known_path, truth_path=truth_path, file_path=file_path)
+    write_parquet(listed, listed_out)
+    with atomic_path(plan_out) as tmp:
+        tmp.write_text(json.dumps(plan, indent=1))
+    log.info("%d listed + %d random orbits (%s), %d chunks of %d, %d search jobs per partition",
+             plan["n_listed"], plan["n_random"], plan["preset"], plan["n_chunks"], plan["chunk_size"],
+             plan["n_chunk_ranges"])
+    return plan

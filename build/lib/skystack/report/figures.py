@@ -1,0 +1,124 @@
+"""Figures for detections and for the Snakemake report."""
+from __future__ import annotations
+
+import matplotlib
+
+from ..core.io import atomic_path
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig, path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def detection_figure(stamp: np.ndarray, light_curve: pd.DataFrame, title: str, path) -> None:
+    """Coadded stamp along the orbit beside the per-image light curve (flux with 1-sd bars)."""
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    # Percentile limits: a single hot pixel or subtraction residual would set the scale otherwise.
+    lo, hi = np.nanpercentile(stamp, [1, 99]) if np.isfinite(stamp).any() else (0, 1)
+    ax0.imshow(stamp, origin="lower", cmap="gray_r", vmin=lo, vmax=hi)
+    ax0.set_title("coadd along orbit")
+    ax0.set_xticks([]), ax0.set_yticks([])
+    for band, g in light_curve.groupby("band"):
+        ax1.errorbar(g["mjd_mid_utc"], g["flux_nmgy"], yerr=g["flux_sd_nmgy"], fmt="o", ms=3, label=band, alpha=0.7)
+    ax1.axhline(0, color="k", lw=0.5)
+    ax1.set_xlabel("MJD (UTC)")
+    ax1.set_ylabel("flux (nmgy)")
+    ax1.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def snr_histogram(snr: np.ndarray, threshold: float, path) -> None:
+    """Combined SNR of every orbit tried, against the N(0, 1) expected from noise alone."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    snr = np.asarray(snr)
+    lo, hi = min(-6.0, float(np.nanmin(snr, initial=0))), max(12.0, float(np.nanmax(snr, initial=0)))
+    bins = np.linspace(lo, hi, 80)
+    ax.hist(snr, bins=bins, histtype="step", label=f"{len(snr)} orbits")
+    x = np.linspace(lo, hi, 400)
+    width = bins[1] - bins[0]
+    ax.plot(x, len(snr) * width * np.exp(-x * x / 2) / np.sqrt(2 * np.pi), "k--", lw=1, label="N(0, 1)")
+    ax.axvline(threshold, color="r", lw=1, label=f"threshold {threshold:g}")
+    ax.set_yscale("log")
+    ax.set_ylim(0.5, None)
+    ax.set_xlabel("combined SNR")
+    ax.set_ylabel("orbits")
+    ax.legend()
+    _save(fig, path)
+
+
+def completeness(truth: pd.DataFrame, path) -> None:
+    """Fraction of injected objects detected against their expected combined SNR."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if truth.empty:
+        ax.text(0.5, 0.5, "no injected objects (survey not simulated)", ha="center", transform=ax.transAxes)
+        _save(fig, path)
+        return
+    truth = truth.assign(detected=truth["detected"].astype(bool))
+    ax.scatter(truth["expected_combined_snr"], truth["detected"].astype(float), s=14)
+    bins = np.arange(0, max(30, truth["expected_combined_snr"].max() + 5), 5)
+    idx = np.digitize(truth["expected_combined_snr"], bins)
+    frac = [truth["detected"][idx == i].mean() if (idx == i).any() else np.nan for i in range(1, len(bins))]
+    ax.step(bins[:-1], frac, where="post", color="k", label="fraction detected")
+    ax.set_xlabel("expected combined SNR (injected)")
+    ax.set_ylabel("detected")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend()
+    _save(fig, path)
+
+
+def snr_versus_parameter(values: np.ndarray, snr: np.ndarray, truth_value: float, xlabel: str, path) -> None:
+    """Combined SNR along a one-parameter orbit grid, the true value marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(values) == 0:
+        ax.text(0.5, 0.5, "no orbit grid in this experiment\n(orbits.source: grid searches one)",
+                ha="center", va="center", transform=ax.transAxes)
+    order = np.argsort(values)
+    ax.plot(np.asarray(values)[order], np.asarray(snr)[order], "o-", ms=3)
+    ax.axvline(truth_value, color="r", lw=1, label="reference")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("combined SNR")
+    ax.legend()
+    _save(fig, path)
+
+
+def catalog_figure(catalog: pd.DataFrame, path) -> None:
+    """Position and flux uncertainty against r magnitude, stars and galaxies apart."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    star = catalog["p_star"].to_numpy(float) >= 0.5
+    pos_sd = np.hypot(catalog["ra_sd"].to_numpy(float), catalog["dec_sd"].to_numpy(float))
+    rel_sd = catalog["flux_r_sd_nmgy"].to_numpy(float) / catalog["flux_r_nmgy"].to_numpy(float)
+    mag = catalog["mag_r"].to_numpy(float)
+    for mask, label, marker in ((star, "stars", "*"), (~star, "galaxies", "o")):
+        axes[0].scatter(mag[mask], pos_sd[mask], s=12, marker=marker, label=f"{label} ({mask.sum()})")
+        axes[1].scatter(mag[mask], rel_sd[mask], s=12, marker=marker)
+    axes[0].set(xlabel="r (AB mag)", ylabel="position sd (arcsec)", yscale="log")
+    axes[1].set(xlabel="r (AB mag)", ylabel="r flux sd / flux", yscale="log")
+    conv = catalog["converged"].astype(bool).mean() if len(catalog) else float("nan")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{len(catalog)} sources, {100 * conv:.0f}% converged", fontsize=10)
+    _save(fig, path)
+
+
+def deconvolution_figure(stamps: np.ndarray, psfs: np.ndarray, deconvolved: np.ndarray, diag: pd.DataFrame,
+                         path, n_show: int = 4) -> None:
+    """Observed stamp, PSF and deconvolved stamp for the first few galaxies."""
+    n = min(n_show, len(stamps))
+    fig, axes = plt.subplots(max(n, 1), 3, figsize=(7, 2.3 * max(n, 1)), squeeze=False)
+    for i in range(n):
+        for ax, img, title in zip(axes[i], (stamps[i], psfs[i], deconvolved[i]), ("observed", "PSF", "deconvolved")):
+            lo, hi = np.nanpercentile(img, [1, 99.5])
+            ax.imshow(img, origin="lower", cmap="gray_r", vmin=lo, vmax=hi)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(title if i == 0 else "", fontsize=9)
+        axes[i, 0].set_ylabel(f"stamp {i}, {int(diag['iterations'].iloc[i])} it", fontsize=8)
+    if n == 0:
+        axes[0, 1].text(0.5, 0.5, "no stamps", ha="center", va="center")
+    _save(fig, path)

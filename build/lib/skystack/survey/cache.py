@@ -1,0 +1,171 @@
+"""Tiled image cache: float32 pixels in square tiles, one file per partition, memory-mapped.
+
+File layout (little-endian):
+
+- 8 bytes magic ``SKYTILE1``, 8 bytes uint64 length L of a JSON index;
+- L bytes of JSON: tile size, and per image its image_id, shape, tile grid and first tile;
+- zero padding to a 4096-byte boundary;
+- tiles, each ``tile x tile`` float32 in row-major order, images one after another, each
+  image's tiles in row-major tile order. Pixels outside the image and bad pixels are NaN.
+
+A patch read touches only the tiles it overlaps, which is what makes random patch reads
+fast compared with row-major FITS, where a patch spans many rows of a large image.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..core.io import atomic_path
+
+MAGIC = b"SKYTILE1"
+ALIGN = 4096
+
+
+def _tile_grid(shape: tuple[int, int], tile: int) -> tuple[int, int]:
+    ny, nx = shape
+    return -(-ny // tile), -(-nx // tile)
+
+
+def _to_tiles(pixels: np.ndarray, tile: int) -> np.ndarray:
+    """Reorder an image into (n_tiles, tile, tile), NaN-padded to whole tiles."""
+    ny, nx = pixels.shape
+    nty, ntx = _tile_grid(pixels.shape, tile)
+    padded = np.full((nty * tile, ntx * tile), np.nan, dtype=np.float32)
+    padded[:ny, :nx] = pixels
+    return padded.reshape(nty, tile, ntx, tile).transpose(0, 2, 1, 3).reshape(-1, tile, tile)
+
+
+def write_tile_cache(path, images, tile: int = 32) -> None:
+    """Write a tile cache atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Output file.
+    images : iterable of (image_id, pixels)
+        ``pixels`` a 2-D array (converted to float32; NaN marks bad pixels). Images are
+        consumed one at a time, so memory holds one image, not the partition.
+    tile : int
+        Tile side in pixels.
+    """
+    entries, first_tile = [], 0
+    with atomic_path(path) as tmp:
+        body = tmp.with_name(tmp.name + ".body")
+        try:
+            with open(body, "wb") as fh:
+                for image_id, pixels in images:
+                    pixels = np.asarray(pixels, dtype=np.float32)
+                    if pixels.ndim != 2:
+                        raise ValueError(f"image {image_id}: expected 2-D pixels, got shape {pixels.shape}")
+                    tiles = _to_tiles(pixels, tile)
+                    nty, ntx = _tile_grid(pixels.shape, tile)
+                    entries.append({"image_id": int(image_id), "ny": pixels.shape[0], "nx": pixels.shape[1],
+                                    "nty": nty, "ntx": ntx, "first_tile": first_tile})
+                    first_tile += len(tiles)
+                    fh.write(tiles.astype("<f4").tobytes())
+            header = json.dumps({"tile": tile, "n_tiles": first_tile, "images": entries}).encode()
+            with open(tmp, "wb") as out, open(body, "rb") as src:
+                out.write(MAGIC + struct.pack("<Q", len(header)) + header)
+                out.write(b"\0" * (-out.tell() % ALIGN))
+                while chunk := src.read(1 << 24):
+                    out.write(chunk)
+        finally:
+            body.unlink(missing_ok=True)
+
+
+class TileCache:
+    """A memory-mapped tile cache (see module docstring for the layout)."""
+
+    def __init__(self, path, header: dict, tiles: np.ndarray):
+        self.path = Path(path)
+        self.tile = int(header["tile"])
+        imgs = header["images"]
+        self.image_ids = np.array([e["image_id"] for e in imgs], dtype=np.int64)
+        self.shapes = np.array([[e["ny"], e["nx"]] for e in imgs], dtype=np.int64).reshape(-1, 2)
+        self._ntx = np.array([e["ntx"] for e in imgs], dtype=np.int64)
+        self._first = np.array([e["first_tile"] for e in imgs], dtype=np.int64)
+        self._order = np.argsort(self.image_ids, kind="stable")
+        self.tiles = tiles
+
+    @classmethod
+    def open(cls, path) -> "TileCache":
+        """Open a cache file read-only, memory-mapped."""
+        path = Path(path)
+        with open(path, "rb") as fh:
+            magic = fh.read(8)
+            if magic != MAGIC:
+                raise ValueError(f"{path}: not a skystack tile cache (bad magic {magic!r})")
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        offset = 16 + length
+        offset += -offset % ALIGN
+        t = int(header["tile"])
+        n = int(header["n_tiles"])
+        tiles = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=(n, t, t)) if n else np.zeros((0, t, t), np.float32)
+        return cls(path, header, tiles)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def index_of(self, image_id) -> np.ndarray:
+        """Positions in this cache of the given image ids; KeyError for an id not here."""
+        image_id = np.asarray(image_id, dtype=np.int64)
+        pos = np.searchsorted(self.image_ids, image_id, sorter=self._order)
+        pos = np.clip(pos, 0, len(self.image_ids) - 1)
+        idx = self._order[pos]
+        missing = self.image_ids[idx] != image_id if len(self.image_ids) else np.ones(image_id.shape, bool)
+        if np.any(missing):
+            raise KeyError(f"{self.path}: image ids not in this cache: {np.unique(image_id[missing])[:10].tolist()}")
+        return idx
+
+    def image(self, image_id: int) -> np.ndarray:
+        """A whole image as a 2-D float32 array."""
+        i = int(self.index_of([image_id])[0])
+        ny, nx = self.shapes[i]
+        nty, ntx = _tile_grid((ny, nx), self.tile)
+        block = np.asarray(self.tiles[self._first[i] : self._first[i] + nty * ntx])
+        full = block.reshape(nty, ntx, self.tile, self.tile).transpose(0, 2, 1, 3).reshape(nty * self.tile, ntx * self.tile)
+        return full[:ny, :nx].copy()
+
+    def patches(self, image_id, x, y, radius: int) -> np.ndarray:
+        """Gather square patches centred on the pixels nearest to (x, y).
+
+        Parameters
+        ----------
+        image_id : array of int
+            ``image_id`` of each patch's image (must be in this cache).
+        x, y : arrays of float
+            Patch centres, 0-based pixel coordinates (astropy convention: pixel centres at
+            integers). Each patch is centred on ``round(x), round(y)``.
+        radius : int
+            Half-size: patches are ``(2 radius + 1)`` square.
+
+        Returns
+        -------
+        ndarray, shape (n, 2 radius + 1, 2 radius + 1), float32
+            Pixels; NaN outside the image and at bad pixels.
+        """
+        idx = self.index_of(np.atleast_1d(image_id))
+        xc = np.floor(np.asarray(x, dtype=np.float64) + 0.5).astype(np.int64)
+        yc = np.floor(np.asarray(y, dtype=np.float64) + 0.5).astype(np.int64)
+        off = np.arange(-radius, radius + 1, dtype=np.int64)
+        px = xc[:, None] + off[None, :]  # (n, k) columns
+        py = yc[:, None] + off[None, :]  # (n, k) rows
+        inside_x = (px >= 0) & (px < self.shapes[idx, 1][:, None])
+        inside_y = (py >= 0) & (py < self.shapes[idx, 0][:, None])
+        px, py = np.where(inside_x, px, 0), np.where(inside_y, py, 0)
+        t = self.tile
+        # The flat offset separates into a row part and a column part, so the (n, k, k)
+        # index is one broadcast add, as cheap as for a row-major array.
+        col = (px // t) * (t * t) + px % t
+        row = (py // t) * (self._ntx[idx][:, None] * t * t) + (py % t) * t
+        flat = (self._first[idx] * (t * t))[:, None, None] + row[:, :, None] + col[:, None, :]
+        values = self.tiles.reshape(-1)[flat]
+        if inside_x.all() and inside_y.all():
+            return values
+        inside = inside_y[:, :, None] & inside_x[:, None, :]
+        return np.where(inside, values, np.float32(np.nan)).astype(np.float32, copy=False)
