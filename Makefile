@@ -27,7 +27,7 @@ test: $(STAMP)
 # snakefmt, then Snakemake's linter, also under the Slurm profile (its set-resources choose the
 # GPU rules' conda environments when the workflow is parsed).
 lint: $(STAMP)
-	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+	$(VENV)/bin/snakefmt --check workflow/Snakefile workflow/rules
 	$(VENV)/bin/snakemake --lint
 	$(VENV)/bin/snakemake --lint --profile profiles/slurm
 

@@ -42,7 +42,7 @@ def build_inputs(config_path: Path, workdir: Path, cores: int) -> dict:
     targets = [res / "images.parquet", res / "search" / "plan.json",
                *(cache_dir / f"partition_{p}.tiles" for p in range(cfg["partitions"]))]
     snakemake = Path(sys.executable).with_name("snakemake")
-    cmd = [str(snakemake), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
+    cmd = [str(snakemake), "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
            "--profile", str(REPO / "profiles" / "default"), *map(str, targets), "--quiet", "rules",
            "--configfile", str(config_path.resolve())]  # --quiet and --configfile take every word after them
     t = time.perf_counter()

@@ -39,7 +39,7 @@ def run_snakemake(workdir, *args, configfile=None, cores=2, check=True, env=None
     goes last on the command line, since ``--configfile`` takes every word after it.
     """
     configs = configfile if isinstance(configfile, (list, tuple)) else [configfile or TINY]
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
+    cmd = [SNAKEMAKE, "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
            "--profile", str(REPO / "profiles" / "default"), *map(str, args), "--configfile", *map(str, configs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     if check and proc.returncode != 0:

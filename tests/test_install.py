@@ -44,7 +44,7 @@ def test_workflow_runs_on_the_installed_package_from_another_directory(installed
     elsewhere = tmp_path / "run"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2", "--profile", str(REPO / "profiles" / "default"),
+    cmd = [SNAKEMAKE, "-s", str(REPO / "workflow" / "Snakefile"), "--cores", "2", "--profile", str(REPO / "profiles" / "default"),
            "results/tiny/images.parquet", "--configfile", str(TINY)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=elsewhere, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -66,7 +66,7 @@ def test_forcerun_combine_chunk_reruns_only_downstream(tiny_run):
 
 def test_killed_run_resumes_and_recomputes_only_unfinished_work(tiny_run, tmp_path):
     config = overlay(tmp_path, "no_deconvolution", {"deconvolve": {"enabled": False}})
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2",
+    cmd = [SNAKEMAKE, "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(tmp_path), "--cores", "2",
            "--profile", str(REPO / "profiles" / "default"), "--configfile", *map(str, config)]
     partials = tmp_path / "results" / "tiny" / "search" / "partials"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

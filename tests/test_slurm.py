@@ -36,7 +36,7 @@ def test_profile_is_complete():
     assert {"mem_mb", "runtime"} <= set(defaults)
     assert not {"slurm_partition", "slurm_account"} & set(defaults)
     rules = profile["set-resources"]
-    listed = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--list-rules"], capture_output=True,
+    listed = subprocess.run([SNAKEMAKE, "-s", str(REPO / "workflow" / "Snakefile"), "--list-rules"], capture_output=True,
                             text=True, cwd=REPO, check=True).stdout.splitlines()
     listed = [line.strip() for line in listed if line.strip().isidentifier()]
     assert set(listed) - {"all"} == set(rules), "every rule has its Slurm resources, and only rules that exist"
@@ -70,7 +70,7 @@ def test_tiny_workflow_on_slurm_matches_local(slurm_cluster, tmp_path, tiny_run)
     assert not any("gpu" in res for res in derived["set-resources"].values())
     slurm_dir = tmp_path / "on_slurm"
     slurm_dir.mkdir()
-    proc = run_snakemake_on_slurm(slurm_dir, REPO / "Snakefile", profile, timeout=900,
+    proc = run_snakemake_on_slurm(slurm_dir, REPO / "workflow" / "Snakefile", profile, timeout=900,
                                   extra_args=["--configfile", REPO / "config" / "experiments" / "tiny.yaml"])
     log = proc.stdout + proc.stderr
     assert "submitted with SLURM jobid" in log

@@ -24,7 +24,7 @@ def _run(cmd, cwd=None, env=None, timeout=900):
 
 # ----------------------------------------------------------------------------- formatting and lint
 def test_snakefmt_check_passes():
-    proc, out = _run([SNAKEFMT, "--check", "--diff", "Snakefile", "workflow/rules"], cwd=REPO, timeout=120)
+    proc, out = _run([SNAKEFMT, "--check", "--diff", "workflow/Snakefile", "workflow/rules"], cwd=REPO, timeout=120)
     assert proc.returncode == 0, f"snakefmt --check found unformatted files:\n{out[-6000:]}"
 
 
@@ -170,7 +170,7 @@ def job_conda_envs(tmp_path, snakefile, workdir, *args, configfile=TINY):
 def test_rules_given_a_gpu_get_the_cuda_env(settled_tiny, tmp_path, profile, extra, gpu_rules):
     """A dry run in the finished tiny run (so the checkpoints are resolved and every job is in the
     DAG), forcing the JAX rules, with the Slurm executor where the profile says so."""
-    envs, out = job_conda_envs(tmp_path, REPO / "Snakefile", settled_tiny, "--profile", REPO / "profiles" / profile,
+    envs, out = job_conda_envs(tmp_path, REPO / "workflow" / "Snakefile", settled_tiny, "--profile", REPO / "profiles" / profile,
                                *extra, "--rerun-triggers", "mtime", "--forcerun", *sorted(GPU_RULES))
     expected_rules = {"simulate_survey", "index_survey", "build_tile_cache", "detect_sources", "plan_regions",
                       "fit_region", "merge_catalog", "extract_stamps", "deconvolve_shard", "merge_deconvolved",
@@ -212,7 +212,7 @@ def test_workflow_runs_as_a_module(tiny_run, tmp_path):
     outer = tmp_path / "outer"
     outer.mkdir()
     snakefile = outer / "Snakefile"
-    snakefile.write_text(OUTER_SNAKEFILE.format(snakefile=REPO / "Snakefile"))
+    snakefile.write_text(OUTER_SNAKEFILE.format(snakefile=REPO / "workflow" / "Snakefile"))
     base = [SNAKEMAKE, "-s", snakefile, "--directory", outer, "--cores", "2",
             "--profile", REPO / "profiles" / "default"]
     proc, out = _run([*base, "--configfile", TINY])

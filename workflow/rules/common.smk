@@ -20,6 +20,9 @@ CUDA_ENV = "../../envs/cuda.yaml"
 # *main* Snakefile, i.e. another workflow's when skystack is used as a module.
 REPO_DIR = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parents[1]
 KNOWN_OBJECTS = str(REPO_DIR / "resources" / "known_objects.csv")
+# envs/*.yaml install skystack from here (Snakemake hands conda a copy of each env file, so a
+# path relative to the file would point into .snakemake/).
+os.environ.setdefault("SKYSTACK_REPO", str(REPO_DIR))
 DECONV = config["deconvolve"]
 # Low-rank deconvolution couples all stamps: one shard.
 DECONV_SHARDS = list(range(1 if DECONV["mode"] == "lowrank" else DECONV["shards"]))

@@ -29,7 +29,7 @@ def _apparent_directions(pos_au, vel_au_per_day, observer_au, sun_pos_au, sun_ve
     at the observation time; all arguments broadcast together over their leading axes.
 
     The body's position at the emission time ``t - tau`` follows from a third-order two-body
-    Taylor step (see ``orbits.earlier_position_au``), the Sun's from its own Taylor terms.
+    Taylor step (see ``kepler.earlier_position_au``), the Sun's from its own Taylor terms.
     """
     rel = pos_au + sun_pos_au - observer_au
     tau = _norm3(rel) / ephemeris.C_AU_PER_DAY
@@ -105,7 +105,7 @@ def sky_positions(orbits: pd.DataFrame, jd_tdb, site=None):
     Parameters
     ----------
     orbits : DataFrame
-        Orbit table (``skystack.orbits``), n rows.
+        Orbit table (``skystack.orbits.table``), n rows.
     jd_tdb : float or array (m,)
         TDB Julian dates.
     site : mapping, optional

@@ -63,7 +63,7 @@ class ImageData:
 
     @classmethod
     def from_index_row(cls, row, pixels, psf_image=None, **kw) -> "ImageData":
-        """Build from a row of the images table (``skystack.io.IMAGES``) and its pixels."""
+        """Build from a row of the images table (``skystack.core.io.IMAGES``) and its pixels."""
         diff = bool(row.get("is_difference", False))
         return cls(pixels=pixels, band=str(row["band"]), magzp=float(row["magzp"]),
                    wcs_header=row["wcs_header"],
@@ -130,7 +130,7 @@ def sky_to_pixel_jacobian(wcs: WCS, ra_deg, dec_deg, step_arcsec: float = 0.5, s
 
     Central differences over ``step_arcsec`` in each sky direction. With the image's
     ``shape_yx`` given, points far off the image come back NaN (see
-    ``skystack.wcs.astropy_world2pix_near``).
+    ``skystack.astrometry.astropy_wcs.astropy_world2pix_near``).
 
     Returns
     -------

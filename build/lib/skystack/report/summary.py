@@ -1,4 +1,4 @@
-"""What a finished run produced: ``python -m skystack.summary --configfile config/config.yaml``."""
+"""What a finished run produced: ``python -m skystack.report.summary --configfile config/config.yaml``."""
 from __future__ import annotations
 
 import argparse

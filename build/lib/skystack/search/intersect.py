@@ -389,7 +389,7 @@ def prepare_images(images: pd.DataFrame) -> ImageSet:
     Parameters
     ----------
     images : DataFrame
-        Image index rows (``skystack.io.IMAGES``); uses image_id, exposure_id, jd_tdb_mid,
+        Image index rows (``skystack.core.io.IMAGES``); uses image_id, exposure_id, jd_tdb_mid,
         site_lat_deg, site_lon_deg, site_height_m, wcs_header, naxis1, naxis2 (and path,
         hdu for error messages when present). Images of one exposure must share time
         and site.
@@ -512,7 +512,7 @@ def intersect(orbits: pd.DataFrame, images, *, max_batch_bytes: int = DEFAULT_MA
     Parameters
     ----------
     orbits : DataFrame
-        Orbit table (``skystack.orbits``: orbit_id and J2000-ecliptic elements).
+        Orbit table (``skystack.orbits.table``: orbit_id and J2000-ecliptic elements).
     images : DataFrame or ImageSet
         Image index rows (see ``prepare_images``), or their prepared form (reuse it when
         intersecting many orbit chunks with the same images).

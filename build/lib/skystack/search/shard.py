@@ -25,16 +25,16 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
     Parameters
     ----------
     orbits : DataFrame
-        Orbit table (``skystack.orbits``).
+        Orbit table (``skystack.orbits.table``).
     images : DataFrame
         Index rows of the images to search (all must be in ``cache``).
-    cache : skystack.cache.TileCache
+    cache : skystack.survey.cache.TileCache
         The partition's tile cache.
     smoothing_sigma_px : float
         Extra Gaussian width added in quadrature to the PSF (keeps signal from neighbouring
         orbits of a sparse grid).
     prepared : ImageSet, optional
-        ``search.prepare_images(images)``, made once for many orbit chunks.
+        ``search.intersect.prepare_images(images)``, made once for many orbit chunks.
     timings : dict, optional
         Seconds spent per step ("intersect", "gather", "filter") are added to it.
 

@@ -185,7 +185,7 @@ def index_survey(paths, site: dict | None = None, on_bad_image: str = "error", p
     Returns
     -------
     images : DataFrame
-        One row per usable image HDU (columns per ``skystack.io.IMAGES``).
+        One row per usable image HDU (columns per ``skystack.core.io.IMAGES``).
     rejected : DataFrame
         path, hdu (-1 for a whole file), reason; duplicates are recorded here too.
     """
@@ -223,7 +223,7 @@ def index_survey(paths, site: dict | None = None, on_bad_image: str = "error", p
 
 
 def index_images(paths, site: dict | None = None) -> pd.DataFrame:
-    """One row per image HDU of the given files (columns per ``skystack.io.IMAGES``).
+    """One row per image HDU of the given files (columns per ``skystack.core.io.IMAGES``).
 
     Raises
     ------

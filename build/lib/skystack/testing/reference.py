@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pandas as pd
 
-GM_SUN_AU3_D2 = 0.01720209895**2  # the Gaussian constant: the same Sun as skystack.orbits
+GM_SUN_AU3_D2 = 0.01720209895**2  # the Gaussian constant: the same Sun as skystack.astrometry.kepler
 
 
 class SkyfieldSky:
