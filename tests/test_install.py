@@ -1,6 +1,7 @@
 """skystack as a user installs it: a non-editable install runs the workflow from another
 working directory, and importing the library changes no global state."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,9 +12,12 @@ from conftest import REPO, SNAKEMAKE, TINY
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """``pip install .`` (not editable) into a folder of its own; dependencies from this venv."""
-    target = tmp_path_factory.mktemp("site")
+    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source")
+    # Built from a copy: pip builds in the source tree, and the clone must stay clean.
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", source)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True, text=True, timeout=600)
+                    "--target", str(target), str(source)], check=True, capture_output=True, text=True, timeout=600)
     return target
 
 
