@@ -4,7 +4,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, needs_shared
 from scipy.ndimage import convolve1d
 from scipy.signal import convolve2d, fftconvolve
 
@@ -29,7 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 DATA = str(SHARED_DATA / "deconv")
 STAMPS_NPY = os.path.join(DATA, "example_image_stack.npy")
 PSFS_NPY = os.path.join(DATA, "example_psfs.npy")
-needs_data = pytest.mark.skipif(not os.path.exists(STAMPS_NPY), reason="example deconvolution data absent")
+needs_data = needs_shared("deconv/example_image_stack.npy", "deconv/example_psfs.npy")
 
 
 @pytest.fixture(scope="module")
