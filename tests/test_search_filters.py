@@ -309,3 +309,24 @@ def test_coadd_off_the_image_edge(coadd_case):
     s = coadd_stamp(alone, images, caches, radius=R)
     assert np.isnan(s[:, :3]).all() and np.isfinite(s[:, 3:]).all()
     np.testing.assert_allclose(s[:, 3:], 3.0, rtol=1e-12)
+
+
+def test_detection_predicate_match_radius_and_image_selection():
+    from scipy.stats import norm
+
+    from skystack.search.filters import duplicate_match_px, is_detection
+    from skystack.search.results import expected_false_alarms
+    from skystack.survey.stage import select_images
+
+    combined = pd.DataFrame({"snr": [7.0, 6.999, 9.0, 12.0], "n_images": [5, 5, 4, 3]})
+    assert is_detection(combined, 7.0, 4).tolist() == [True, False, True, False]
+    images = pd.DataFrame({"image_id": [3, 1, 2, 0], "psf_sigma_px": [1.0, 2.0, 3.0, 4.0],
+                           "is_difference": [True, False, True, False], "band": ["r", "g", "r", "r"]})
+    assert duplicate_match_px(images) == pytest.approx(2.5 * 2.354820045, rel=1e-9)  # median sigma x FWHM/sigma
+    assert select_images(images, "difference")["image_id"].tolist() == [2, 3]
+    assert select_images(images, "science", band="r")["image_id"].tolist() == [0]
+    with pytest.raises(ValueError, match="image kind"):
+        select_images(images, "diff")
+    # 10^6 noise orbits at 5 sigma: 0.287 expected; a 2% wider SNR raises it to 0.41.
+    assert expected_false_alarms(10**6, 5.0) == pytest.approx(0.2866516, rel=1e-6)
+    assert expected_false_alarms(10**6, 5.0, snr_sd=1.02) == pytest.approx(1e6 * norm.sf(5.0 / 1.02), rel=1e-12)
