@@ -330,3 +330,13 @@ def test_detection_predicate_match_radius_and_image_selection():
     # 10^6 noise orbits at 5 sigma: 0.287 expected; a 2% wider SNR raises it to 0.41.
     assert expected_false_alarms(10**6, 5.0) == pytest.approx(0.2866516, rel=1e-6)
     assert expected_false_alarms(10**6, 5.0, snr_sd=1.02) == pytest.approx(1e6 * norm.sf(5.0 / 1.02), rel=1e-12)
+
+
+def test_search_refuses_an_image_kind_that_selects_nothing():
+    from skystack.search.stage import searched_images
+
+    index = pd.DataFrame({"image_id": [0, 1], "is_difference": [False, False], "band": ["r", "r"]})
+    assert len(searched_images(index, "science", "images.parquet")) == 2
+    with pytest.raises(ValueError, match=r"images.parquet: search.images = 'difference' selects none of the 2 "
+                                         r"indexed images \(2 science\)"):
+        searched_images(index, "difference", "images.parquet")

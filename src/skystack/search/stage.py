@@ -39,12 +39,26 @@ def _read_plan(path) -> dict:
         return json.load(fh)
 
 
+def searched_images(index: pd.DataFrame, image_kind: str, where: str) -> pd.DataFrame:
+    """The images the search runs on, or an error saying that ``search.images`` selects none:
+    a search over no image would report nothing, silently."""
+    images = select_images(index, image_kind)
+    if images.empty:
+        kinds = index["is_difference"].astype(bool).value_counts().rename({True: "difference", False: "science"})
+        have = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "none"
+        raise ValueError(f"{where}: search.images = {image_kind!r} selects none of the {len(index)} indexed images "
+                         f"({have}); a difference image has IMAGETYP 'difference' or a pipeline's difference "
+                         f"name, else set search.images: science")
+    return images
+
+
 def shard_stage(images_path, cache_path, listed_path, plan_path, chunk_range: int, partition: int, partials_out, *,
                 image_kind: str, smoothing_sigma_px: float, max_batch_mb: int, staging_dir, log: logging.Logger):
     """``search_shard``: matched-filter partial sums of one chunk range on one partition."""
     plan = _read_plan(plan_path)
     listed = pd.read_parquet(listed_path)
-    images = select_images(pd.read_parquet(images_path), image_kind)
+    index = pd.read_parquet(images_path)
+    images = searched_images(index, image_kind, where=str(images_path))
     images = images[images["partition"] == partition]
     local = stage_cache(cache_path, staging_dir)
     if local != cache_path:
