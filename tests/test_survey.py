@@ -6,7 +6,7 @@ import pytest
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, needs_shared
 
 from skystack.core.io import IMAGES
 from skystack.survey.headers import BadImageError
@@ -108,10 +108,9 @@ def test_psf_sigma_from_moments():
     assert psf_sigma_from_image(psf) == pytest.approx(2.2, rel=1e-4)
 
 
+@needs_shared("sep-image/image.fits")
 def test_real_image_without_wcs_is_refused():
     path = SHARED / "sep-image" / "image.fits"
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path}")
     with pytest.raises(BadImageError, match=r"image.fits \[HDU 0\]: no celestial WCS"):
         index_images([str(path)], site=PALOMAR)
 
