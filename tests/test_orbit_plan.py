@@ -243,3 +243,18 @@ def test_file_source(tmp_path):
 def test_unknown_reference():
     with pytest.raises(ValueError, match="'Planet Nine' is not in"):
         plan_orbits(config(reference="Planet Nine"), SEED, KNOWN)
+
+
+def test_config_files_merge_as_snakemake_merges_them():
+    """load_config merges files key by key like Snakemake's own update_config (the default
+    config, then an experiment on top), so the summary sees the run's config."""
+    import yaml
+    from snakemake.utils import update_config
+
+    base, experiment = REPO / "config" / "config.yaml", REPO / "config" / "experiments" / "chiron.yaml"
+    expected = yaml.safe_load(base.read_text())
+    update_config(expected, yaml.safe_load(experiment.read_text()))
+    merged = load_config(base, experiment)
+    for section in ("orbits", "search", "survey"):
+        for key, value in expected.get(section, {}).items():
+            assert merged[section][key] == value, (section, key)

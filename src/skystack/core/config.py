@@ -23,15 +23,26 @@ def _fill_defaults(schema: dict, value):
     return value
 
 
+def _merge(base: dict, update: dict) -> dict:
+    """``base`` updated by ``update`` recursively: mappings merge, anything else replaces."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def load_config(*paths) -> dict:
-    """Merge the YAML files in order (later wins, top-level keys), validate, fill defaults."""
+    """Merge the YAML files in order (later wins, key by key at every depth, as Snakemake merges
+    its ``configfile:`` and ``--configfile`` files), validate, fill defaults."""
     config: dict = {}
     for path in paths:
         with open(path) as fh:
             loaded = yaml.safe_load(fh) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a mapping of settings")
-        config.update(loaded)
+        _merge(config, loaded)
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     try:
         jsonschema.validate(config, schema)

@@ -66,7 +66,11 @@ def main(argv=None) -> int:
     parser.add_argument("--configfile", nargs="+", default=["config/config.yaml"])
     parser.add_argument("--report-path", action="store_true", help="print only where the HTML report goes")
     args = parser.parse_args(argv)
-    config = load_config(*args.configfile)
+    # As the workflow sees it: its own config/config.yaml first (the Snakefile's configfile:),
+    # then the --configfile files on top.
+    default = Path("config/config.yaml")
+    files = [Path(p) for p in args.configfile]
+    config = load_config(*([default] if default.exists() and default not in files else []), *files)
     if args.report_path:
         print(report_path(config))
         return 0
