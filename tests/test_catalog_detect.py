@@ -1,7 +1,6 @@
 """Detection agrees with SExtractor on a real image and finds simulated sources."""
 
 import numpy as np
-import pytest
 from astropy.io import fits
 from conftest import SHARED_DATA, needs_shared
 from scipy.spatial import cKDTree

@@ -340,3 +340,16 @@ def test_search_refuses_an_image_kind_that_selects_nothing():
     with pytest.raises(ValueError, match=r"images.parquet: search.images = 'difference' selects none of the 2 "
                                          r"indexed images \(2 science\)"):
         searched_images(index, "difference", "images.parquet")
+
+
+def test_photometric_stages_leave_out_images_without_a_zero_point(caplog):
+    import logging
+
+    from skystack.survey.stage import with_zero_point
+
+    index = pd.DataFrame({"image_id": [0, 1, 2], "magzp": [26.0, np.nan, 25.5], "path": ["a.fits", "b.fits", "c.fits"]})
+    kept = with_zero_point(index, "images.parquet", logging.getLogger("t"))
+    assert kept["image_id"].tolist() == [0, 2]
+    assert "1 of 3 images have no zero point" in caplog.text and "b.fits" in caplog.text
+    with pytest.raises(ValueError, match=r"images.parquet: none of the 1 images has a zero point .*b.fits"):
+        with_zero_point(index.iloc[[1]], "images.parquet")

@@ -36,6 +36,9 @@ rule index_survey:
         CONDA_ENV
     params:
         site=config["survey"]["site"],
+        sites=config["survey"]["sites"],
+        conventions=config["survey"]["conventions"],
+        ccd_tables=config["survey"]["ccd_tables"],
         on_bad_image=config["survey"]["on_bad_image"],
         partitions=config["partitions"],
     script:

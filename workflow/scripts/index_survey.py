@@ -8,5 +8,7 @@ if "images" in snakemake.input.keys():
     paths = sorted(str(p) for p in Path(snakemake.input.images).glob("*.fits*"))
 else:
     paths = list(snakemake.input.files)
-index_stage(paths, snakemake.output.images, snakemake.output.rejected, site=snakemake.params.site,
-            on_bad_image=snakemake.params.on_bad_image, n_partitions=snakemake.params.partitions, log=log)
+params = snakemake.params
+index_stage(paths, snakemake.output.images, snakemake.output.rejected, site=params.site,
+            on_bad_image=params.on_bad_image, n_partitions=params.partitions, log=log,
+            sites=params.sites, conventions=params.conventions, ccd_tables=params.ccd_tables)

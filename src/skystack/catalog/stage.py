@@ -19,7 +19,7 @@ from ..astrometry.astropy_wcs import astropy_world2pix_near
 from ..core.io import atomic_path, write_parquet
 from ..report.figures import catalog_figure
 from ..survey.pixels import aux_of, read_pixels
-from ..survey.stage import select_images
+from ..survey.stage import select_images, with_zero_point
 from .data import ImageData
 from .detect import detect_sources
 from .fit import fit_region
@@ -153,7 +153,7 @@ def detect_stage(images_path, candidates_out, *, source: str, candidates_path=No
         candidates = candidates_on_images(read_candidates(candidates_path), index, candidates_path, warn=log.warning)
         log.info("%d candidates from %s", len(candidates), candidates_path)
     else:
-        rows = select_images(index, "science")
+        rows = with_zero_point(select_images(index, "science"), str(images_path), log)
         images = []
         for k, (_, row) in enumerate(rows.iterrows(), 1):
             images.append(load_image(row))
@@ -182,7 +182,8 @@ def fit_region_stage(regions_path, images_path, region: int, catalog_out, *, mar
     """``fit_region``: every source of one region fitted jointly to every overlapping science
     image, neighbours from other regions held fixed."""
     sources, neighbours = region_inputs(pd.read_parquet(regions_path), region, margin_arcsec)
-    rows = images_overlapping(select_images(pd.read_parquet(images_path), "science"),
+    rows = images_overlapping(with_zero_point(select_images(pd.read_parquet(images_path), "science"),
+                                              str(images_path), log),
                               sources["ra"], sources["dec"], margin_arcsec + patch_px)
     log.info("region %d: %d sources, %d fixed neighbours, %d overlapping science images (all epochs and bands)",
              region, len(sources), len(neighbours), len(rows))

@@ -58,21 +58,22 @@ IMAGES = _schema(
     ("hdu", "int64", "", "HDU number in the file (0-based)"),
     ("exposure_id", "int64", "", "images of one exposure share it (same time and site)"),
     ("ccd_id", "int64", "", "detector (quadrant) number within the exposure, or HDU order"),
-    ("band", "str", "", "filter name (g, r, i, ...)"),
+    ("band", "str", "", "band (u, g, r, i, z, y, ...; normalised from the filter keyword; 'unknown' when absent)"),
     ("mjd_mid_utc", "float64", "d", "mid-exposure time, MJD in UTC"),
     ("jd_tdb_mid", "float64", "d", "mid-exposure time, JD in TDB"),
     ("exptime_s", "float64", "s", "exposure time"),
     ("naxis1", "int64", "px", "image width (x, fastest axis)"),
     ("naxis2", "int64", "px", "image height (y)"),
-    ("wcs_header", "str", "", "celestial WCS as FITS header text (TAN or TAN-SIP)"),
+    ("wcs_header", "str", "", "celestial WCS as FITS header text (TAN, TAN-SIP or TPV)"),
     ("site_lat_deg", "float64", "deg", "observatory geodetic latitude"),
     ("site_lon_deg", "float64", "deg", "observatory geodetic east longitude"),
     ("site_height_m", "float64", "m", "observatory height above the WGS84 ellipsoid"),
     ("psf_sigma_px", "float64", "px", "Gaussian sigma of the PSF"),
     ("noise_sigma", "float64", "adu", "per-pixel noise standard deviation"),
     ("sky_level", "float64", "adu", "median background level"),
-    ("magzp", "float64", "mag", "AB zero point: m = magzp - 2.5 log10(counts)"),
-    ("gain", "float64", "e-/adu", "detector gain"),
+    ("magzp", "float64", "mag", ("AB zero point of the pixel values: m = magzp - 2.5 log10(counts); NaN when "
+                                 "neither the header nor survey.ccd_tables has one (stages needing photometry refuse it)")),
+    ("gain", "float64", "e-/adu", "electrons per pixel unit (gain x EXPTIME for per-second pixels; 1.0 when unknown)"),
     ("saturate", "float64", "adu", "saturation level (inf when unknown)"),
     ("is_difference", "bool", "", "difference image (static sky removed)"),
     ("has_psf_image", "bool", "", "a pixelized PSF extension is present"),
@@ -81,6 +82,16 @@ IMAGES = _schema(
     ("corners_ra_deg", "list<float64>", "deg", "RA of the 4 pixel-grid corners"),
     ("corners_dec_deg", "list<float64>", "deg", "Dec of the 4 pixel-grid corners"),
     ("aux_hdus", "str", "", "auxiliary extensions of the image, e.g. 'MASK=2,PSF=3'"),
+    ("aux_files", "str", "", ("auxiliary files attached by the instrument's naming convention, e.g. "
+                              "'MASK=/d/x_ood_r.fits[1],WEIGHT=/d/x_oow_r.fits[1]' (WEIGHT/INVVAR inverse variance, "
+                              "VARIANCE, MASK)")),
+    ("mask_bits", "int64", "", "bits of the attached mask that mark a bad pixel (-1: any non-zero)"),
+    ("convention", "str", "", "header convention the image was read with (survey/conventions.yaml)"),
+    ("psf_source", "str", "", "where psf_sigma_px comes from: keyword, extension, psfex or stars"),
+    ("n_psf_stars", "int64", "", "stars the PSF was measured on (0 unless psf_source is stars)"),
+    ("provenance", "str", "", ("the keyword or rule behind time, site, band, magzp, gain and PSF, e.g. "
+                               "'time=MJD-OBS + EXPTIME/2 (UTC); site=OBS-LAT/OBS-LONG (west longitude) agrees with "
+                               "ctio-blanco ...'")),
     ("partition", "int64", "", "tile-cache partition the image belongs to"),
 )
 

@@ -1,7 +1,7 @@
 """Orbit x image intersections: where each orbit falls on each image.
 
 Where a body is seen (light time, apparent ICRS direction) is ``astrometry.directions``;
-positions are float64 throughout, and each image's TAN or TAN-SIP WCS is ``astrometry.wcs``.
+positions are float64 throughout, and each image's TAN, TAN-SIP or TPV WCS is ``astrometry.wcs``.
 
 An intersection is in bounds when the pixel position lies on the detector area:
 ``-0.5 <= x < naxis1 - 0.5`` and ``-0.5 <= y < naxis2 - 0.5`` (0-based pixel centres at
@@ -20,9 +20,10 @@ dropped: every cut is a proven bound, so the answer is brute force's, only cheap
 2. the kept pairs get the exact direction (Kepler at the exposure time, light time) and
    are kept if inside the field circle;
 3. those are projected on every image of the exposure with one 3x3 matrix per image (the
-   plain gnomonic part) and kept if within the image's SIP bound of its edges;
-4. only those get the Newton inversion of the SIP distortion, the exact bounds test, and
-   come back to the host.
+   plain gnomonic part: no SIP, TPV by its affine part at the image centre) and kept if
+   within the image's distortion bound of its edges;
+4. only those get the Newton inversion of the TPV and SIP distortion, the exact bounds
+   test, and come back to the host.
 
 Batches have fixed, padded shapes (few compilations) and respect a memory budget sized
 for the worst case of each step.
@@ -45,13 +46,15 @@ from ..astrometry.directions import (
 from ..astrometry.kepler import OrbitArrays, heliocentric_state, orbit_arrays
 from ..astrometry.wcs import (
     WcsParams,
+    fit_plain,
     max_distortion_px,
     pix2world_batched,
     pixel_matrix,
-    sip_undistort,
+    plain_wcs,
     stack_wcs,
     take,
     trim_sip,
+    undistort,
 )
 from ..core.units import GM_SUN_AU3_D2
 from ..orbits.table import validate_orbits
@@ -64,7 +67,7 @@ SUN_BARYCENTRIC_SPEED_MAX_AU_PER_DAY = 2e-5  # DE421 1900-2050: at most 9.3e-6 A
 CULL_SAFETY = 1.01  # relative slack on the cull's error bound (rounding; the < 1e-11 AU light-time step)
 CULL_SLACK = 1e-9  # absolute slack on the sine of the cull's angle bound
 SLOT_GRID_CELLS = 16  # per side of each exposure's slot lookup grid
-CANDIDATE_MARGIN_PX = 1.0  # slack added to each image's bound on its SIP displacement
+CANDIDATE_MARGIN_PX = 1.0  # slack added to each image's bound on its (SIP or TPV) distortion displacement
 FIELD_SLACK_RAD = 1e-6  # slack on each exposure's field radius (0.2 arcsec)
 DEFAULT_MAX_BATCH_BYTES = 256 << 20
 INTERSECTION_COLUMNS = {"orbit_id": "int64", "image_id": "int64", "x": "float64", "y": "float64"}
@@ -159,7 +162,7 @@ class SlotArrays(NamedTuple):
     slot_matrix: jnp.ndarray  # (n_exp, K, 3, 3) see wcs.pixel_matrix
     slot_wcs: WcsParams  # fields with leading axes (n_exp, K)
     slot_limits_px: jnp.ndarray  # (n_exp, K, 4) x_lo, x_hi, y_lo, y_hi
-    slot_margin_px: jnp.ndarray  # (n_exp, K) candidate margin (SIP bound + slack)
+    slot_margin_px: jnp.ndarray  # (n_exp, K) candidate margin (distortion bound + slack)
 
 
 def _cull(tracks: OrbitTracks, fields: ExposureFields):
@@ -197,7 +200,7 @@ def _batch_intersections(pairs: CandidatePairs, sl: SlotArrays):
     2. exact direction; keep the pair if inside the exposure's field circle;
     3. look up the slots listed for its cell of the exposure's grid (``_slot_lookup``),
        project on each of those images with the plain gnomonic matrix and keep
-       (pair, slot) entries within the image's SIP bound of its bounds.
+       (pair, slot) entries within the image's distortion bound of its bounds.
 
     Returns the (C, 3) directions, the (C, L) slots looked up and the (C, L) mask of
     step 3 (compacted by the host).
@@ -221,20 +224,20 @@ def _batch_intersections(pairs: CandidatePairs, sl: SlotArrays):
     x_tan = crpix[..., 0] + h[..., 0] / w
     y_tan = crpix[..., 1] + h[..., 1] / w
     lim, m = sl.slot_limits_px[e, slots], sl.slot_margin_px[e, slots]
-    # A point on the image lies within the image's bound on the SIP displacement of its
-    # plain gnomonic position, so nothing in bounds is lost here.
+    # A point on the image lies within the image's bound on the (SIP or TPV) displacement
+    # of its plain gnomonic position, so nothing in bounds is lost here.
     near = (front & (x_tan >= lim[..., 0] - m) & (x_tan < lim[..., 1] + m) & (y_tan >= lim[..., 2] - m)
             & (y_tan < lim[..., 3] + m) & sl.slot_ok[e, slots] & sl.cell_slot_ok[exposure, cell] & in_field[:, None])
     return d, slots, near
 
 
 def _pixels(directions, exposure, slot, sl: SlotArrays):
-    """Step 4 for (direction, exposure, slot) entries: SIP inverted (Newton) from the plain
-    gnomonic position; pixel positions and whether they are in bounds."""
+    """Step 4 for (direction, exposure, slot) entries: TPV and SIP inverted (Newton) from
+    the plain gnomonic position; pixel positions and whether they are in bounds."""
     h = jnp.einsum("cij,cj->ci", sl.slot_matrix[exposure, slot], directions)
     params = take(sl.slot_wcs, (exposure, slot))
     crpix = params.crpix0_px
-    u, v = jax.vmap(sip_undistort)(params, h[:, 0] / h[:, 2], h[:, 1] / h[:, 2])
+    u, v = jax.vmap(undistort)(params, h[:, 0] / h[:, 2], h[:, 1] / h[:, 2])
     x, y = crpix[:, 0] + u, crpix[:, 1] + v
     lim = sl.slot_limits_px[exposure, slot]
     return x, y, (x >= lim[:, 0]) & (x < lim[:, 1]) & (y >= lim[:, 2]) & (y < lim[:, 3])
@@ -364,7 +367,7 @@ class ImageSet(NamedTuple):
     slot_wcs: WcsParams  # fields with leading axes (n_exposures, K)
     slot_matrix: np.ndarray  # (n_exposures, K, 3, 3) see wcs.pixel_matrix
     slot_limits_px: np.ndarray  # (n_exposures, K, 4) x_lo, x_hi, y_lo, y_hi
-    slot_margin_px: np.ndarray  # (n_exposures, K) candidate margin (SIP bound + slack)
+    slot_margin_px: np.ndarray  # (n_exposures, K) candidate margin (distortion bound + slack)
     node_jd_tdb: np.ndarray  # (J,) track node times (see ``track_nodes``)
     exposure_node: np.ndarray  # (n_exposures,) int64 each exposure's node
     exposure_dt_day: np.ndarray  # (n_exposures,) exposure time minus its node's
@@ -405,9 +408,10 @@ def prepare_images(images: pd.DataFrame) -> ImageSet:
     images = images.reset_index(drop=True)
     n = len(images)
 
-    # Per image: WCS, bounds and candidate margin; one extra row pads the slots.
-    wcs = trim_sip(stack_wcs(images["wcs_header"].tolist(), _image_sources(images)))
+    # Per image: WCS, bounds and candidate margin; one extra row pads the slots. TPV
+    # images get their plain affine map fitted at the image centre (a small margin).
     naxis = images[["naxis1", "naxis2"]].to_numpy(np.float64)
+    wcs = fit_plain(trim_sip(stack_wcs(images["wcs_header"].tolist(), _image_sources(images))), naxis[:, 0], naxis[:, 1])
     margin = max_distortion_px(wcs, naxis[:, 0], naxis[:, 1]) + CANDIDATE_MARGIN_PX
     limits = np.stack([np.full(n, -0.5), naxis[:, 0] - 0.5, np.full(n, -0.5), naxis[:, 1] - 0.5], -1)
     pad = lambda a: np.concatenate([a, a[:1]], axis=0)  # noqa: E731
@@ -436,15 +440,15 @@ def _field_circles(wcs: WcsParams, limits, margin, slots, n_images):
     gnomonic pixel position is within the candidate margin of one of its images.
 
     Such directions fill, per image, the gnomonic quadrilateral whose corners are the
-    margin-expanded image corners (projected without SIP); its sides are great-circle arcs,
-    so a spherical cap (radius < 90 deg) holding the corners holds the quadrilateral.
+    margin-expanded image corners (projected by the plain WCS: no SIP, TPV by its affine
+    part); its sides are great-circle arcs, so a spherical cap (radius < 90 deg) holding
+    the corners holds the quadrilateral.
     """
     lo_x, hi_x = limits[:, 0] - margin, limits[:, 1] + margin
     lo_y, hi_y = limits[:, 2] - margin, limits[:, 3] + margin
     cx = np.stack([lo_x, hi_x, hi_x, lo_x], -1)
     cy = np.stack([lo_y, lo_y, hi_y, hi_y], -1)
-    tan_only = WcsParams(*(jnp.asarray(f) for f in wcs._replace(sip_a=np.zeros_like(wcs.sip_a),
-                                                                  sip_b=np.zeros_like(wcs.sip_b))))
+    tan_only = WcsParams(*(jnp.asarray(f) for f in plain_wcs(wcs)))
     ra, dec = (np.radians(np.asarray(a)) for a in pix2world_batched(tan_only, jnp.asarray(cx), jnp.asarray(cy)))
     corners = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], -1)  # (n + 1, 4, 3)
     pts = corners[slots]  # (n_exp, K, 4, 3)

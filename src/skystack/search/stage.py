@@ -19,7 +19,7 @@ from ..report.figures import (
     snr_versus_parameter,
 )
 from ..survey.cache import TileCache
-from ..survey.stage import select_images
+from ..survey.stage import select_images, with_zero_point
 from .combine import combine_partials
 from .evaluate import match_truth
 from .filters import (
@@ -58,7 +58,7 @@ def shard_stage(images_path, cache_path, listed_path, plan_path, chunk_range: in
     plan = _read_plan(plan_path)
     listed = pd.read_parquet(listed_path)
     index = pd.read_parquet(images_path)
-    images = searched_images(index, image_kind, where=str(images_path))
+    images = with_zero_point(searched_images(index, image_kind, where=str(images_path)), str(images_path), log)
     images = images[images["partition"] == partition]
     local = stage_cache(cache_path, staging_dir)
     if local != cache_path:

@@ -1,16 +1,29 @@
 """Header conventions: what each keyword of a survey image means.
 
-Header convention (one image per image HDU, plain or tile-compressed):
+Generic header convention (one image per image HDU, plain or tile-compressed); the
+``generic`` entry of ``survey/conventions.yaml`` says the same as data, and the other
+entries there (DECam, Mosaic3, 90Prime, SDSS, Pan-STARRS1, HSC, imSim, ZTF, and the
+refused kinds: TESS, Kepler, JWST, HST, PANOPTES, resampled stamps) say how real
+instruments differ from it:
 
-- celestial WCS that astropy reads (TAN, TAN-SIP);
+- the header of an extension is read with its primary's cards added (``INHERIT = T``, or
+  an empty primary as in every NOIRLab Community Pipeline file; otherwise only the time,
+  site, band and identity keywords); extension cards win, and WCS keywords never inherit;
+- celestial WCS that astropy reads (TAN, TAN-SIP, TPV);
 - time: ``MJD-AVG``/``DATE-AVG`` (mid-exposure) if present, else ``MJD-OBS``/``DATE-OBS``
-  (start) plus ``EXPTIME``/2; ``TIMESYS`` UTC (default), TAI or TT;
-- site: ``OBSGEO-X/Y/Z`` (m) or ``OBSGEO-L/B/H`` (deg, deg, m), else the site given in config;
-- ``FILTER``, ``MAGZP``, ``GAIN``, ``SATURATE``;
+  (start) plus ``EXPTIME``/2; ``TIMESYS`` UTC (default; 'UTC approximate' too), TAI or TT;
+  a date-only ``DATE-OBS`` takes its time of day from ``TIME-OBS``/``UT``;
+- site: ``OBSGEO-X/Y/Z`` (m) or ``OBSGEO-L/B/H`` (deg, deg, m), or any spelling of
+  ``survey.sites.SITE_KEYWORDS``, checked against the site table where the instrument's
+  site is known; else the known site; else the site given in config;
+- ``FILTER`` (normalised: ``conventions.normalise_band``), ``MAGZP``/``MAGZERO``/
+  ``PHOTZP``/``FLUXMAG0``, ``GAIN``, ``SATURATE``;
 - PSF: ``PSF_FWHM`` (px) or ``SEEING`` (arcsec FWHM), or an extension ``PSF`` holding a
   centred pixelized PSF;
-- optional extensions ``VARIANCE`` or ``INVVAR``, and ``MASK`` (non-zero = bad), which
-  belong to the image HDU before them;
+- optional extensions ``VARIANCE``, ``INVVAR``/``WEIGHT``, and ``MASK`` (non-zero = bad;
+  LSST masks: the bad planes of their ``MP_*`` keywords), named by ``EXTNAME`` or
+  ``EXTTYPE``, which belong to the image HDU before them; separate weight-map and mask
+  files found by the instrument's naming rule (``_ooi_`` -> ``_oow_``/``_ood_``);
 - optional ``EXPID`` (exposure), ``CCDID``/``QID`` (detector), ``IMAGETYP`` (``difference``
   marks a difference image).
 
@@ -18,10 +31,10 @@ A file is also taken as a difference image when its name carries a pipeline's di
 product marker (``DIFFERENCE_NAME_MARKERS``: ZTF's ``scimrefdiffimg``, the LSST Science
 Pipelines' ``differenceExp``/``diffexp``), since those products do not always set IMAGETYP.
 
-A ZTF adapter maps ZTF's own keywords (``OBSMJD``, ``SEEING``, ``CCDID``, ``QID``, ``RCID``,
-...) onto the same fields; ZTF's quadrant (readout channel) id is
-``RCID = 4 (CCDID - 1) + QID - 1``, 0 to 63.
+ZTF's keywords (``OBSMJD``, ``SEEING``, ``CCDID``, ``QID``, ``RCID``, ...) are its entry in
+the table; ZTF's quadrant (readout channel) id is ``RCID = 4 (CCDID - 1) + QID - 1``, 0 to 63.
 """
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +43,25 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-AUX_EXTNAMES = ("PSF", "VARIANCE", "INVVAR", "MASK")
+AUX_EXTNAMES = ("PSF", "VARIANCE", "INVVAR", "WEIGHT", "MASK")
+
+
+def problem_kind(problem: str) -> str:
+    """A short label of a problem for counting ('no PSF', 'no celestial WCS', ...)."""
+    text = str(problem).strip()
+    if text.startswith("duplicate of"):
+        return "duplicate"
+    if "outside the DE421 ephemeris range" in text:
+        return "time outside DE421"
+    return re.split(r"[:(;,]", text, maxsplit=1)[0].strip() or text
 
 
 class BadImageError(ValueError):
     """An image that cannot be used, with the file, HDU and problem in its message."""
 
-    def __init__(self, path, hdu, problem: str):
+    def __init__(self, path, hdu, problem: str, kind: str | None = None):
         self.path, self.hdu, self.problem = str(path), hdu, problem
+        self.kind = kind or problem_kind(problem)
         where = f"{path}" if hdu is None else f"{path} [HDU {hdu}]"
         super().__init__(f"{where}: {problem}")
 
@@ -51,6 +75,38 @@ class ImageHDURef:
     aux: dict  # EXTNAME -> HDU number
 
 
+def _hdu_role(hdu) -> str:
+    """EXTNAME, else EXTTYPE (the LSST Science Pipelines' name for IMAGE/MASK/VARIANCE)."""
+    return str(hdu.header.get("EXTNAME", "") or hdu.header.get("EXTTYPE", "")).strip().upper()
+
+
+def _no_image_reason(hdul) -> str:
+    """Why a file has no 2-D image HDU, as specifically as its HDUs tell."""
+    for i, hdu in enumerate(hdul):
+        if isinstance(hdu, (fits.ImageHDU, fits.CompImageHDU)) and int(hdu.header.get("NAXIS", 0) or 0) == 0:
+            name = _hdu_role(hdu) or f"HDU {i}"
+            return f"no 2-D image HDU: header only, no pixel data ({name} has NAXIS = 0)"
+    if all(int(h.header.get("NAXIS", 0) or 0) == 0 for h in hdul):
+        return "no 2-D image HDU: header only, no pixel data or table in any HDU"
+    columns = set()
+    for hdu in hdul:
+        if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
+            columns.update(c.lower() for c in hdu.columns.names)
+    if not columns:
+        return "no 2-D image HDU"
+    if "psf_mask" in columns:
+        what = "a PSFEx PSF model"
+    elif "ccdzpt" in columns or "image_filename" in columns:
+        what = "a survey-ccds table"
+    elif "gridvals" in columns:
+        what = "a sky model"
+    elif {"ra", "dec"} <= columns or {"ra", "dec"} <= {c.rstrip("_") for c in columns}:
+        what = "a catalog"
+    else:
+        what = "a table file"
+    return f"no 2-D image HDU: tables only ({what}, not an image)"
+
+
 def list_image_hdus(path) -> list[ImageHDURef]:
     """The image HDUs of a FITS file, each with its auxiliary extensions."""
     try:
@@ -60,77 +116,19 @@ def list_image_hdus(path) -> list[ImageHDURef]:
     refs: list[ImageHDURef] = []
     with hdul:
         for i, hdu in enumerate(hdul):
-            extname = str(hdu.header.get("EXTNAME", "")).upper()
+            role = _hdu_role(hdu)
             is_image = isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
             naxis = hdu.header.get("ZNAXIS", hdu.header.get("NAXIS", 0))
             if not is_image or naxis != 2:
                 continue
-            if extname in AUX_EXTNAMES:
+            if role in AUX_EXTNAMES:
                 if refs:
-                    refs[-1].aux[extname] = i
+                    refs[-1].aux[role] = i
                 continue
             refs.append(ImageHDURef(str(path), i, {}))
-    if not refs:
-        raise BadImageError(path, None, "no 2-D image HDU")
+        if not refs:
+            raise BadImageError(path, None, _no_image_reason(hdul))
     return refs
-
-
-def _site_from_header(hdr) -> dict | None:
-    if all(k in hdr for k in ("OBSGEO-X", "OBSGEO-Y", "OBSGEO-Z")):
-        import astropy.units as u
-        from astropy.coordinates import EarthLocation
-
-        loc = EarthLocation.from_geocentric(hdr["OBSGEO-X"], hdr["OBSGEO-Y"], hdr["OBSGEO-Z"], unit=u.m)
-        geo = loc.to_geodetic("WGS84")
-        return {"lat_deg": float(geo.lat.deg), "lon_deg": float(geo.lon.deg), "height_m": float(geo.height.to_value(u.m))}
-    if all(k in hdr for k in ("OBSGEO-L", "OBSGEO-B", "OBSGEO-H")):
-        return {"lat_deg": float(hdr["OBSGEO-B"]), "lon_deg": float(hdr["OBSGEO-L"]), "height_m": float(hdr["OBSGEO-H"])}
-    return None
-
-
-def _is_ztf(hdr) -> bool:
-    return "OBSMJD" in hdr or str(hdr.get("TELESCOP", "")).upper().startswith("P48")
-
-
-def _mid_time(hdr, path, hdu, location=None):
-    """Mid-exposure astropy Time from the header (generic convention, then ZTF)."""
-    from functools import partial
-
-    from astropy.time import Time as _Time
-
-    Time = partial(_Time, location=location)
-
-    scale = str(hdr.get("TIMESYS", "UTC")).strip().lower()
-    if scale not in ("utc", "tai", "tt"):
-        raise BadImageError(path, hdu, f"unsupported TIMESYS {hdr.get('TIMESYS')!r} (UTC, TAI or TT)")
-    exptime = float(hdr.get("EXPTIME", 0.0) or 0.0)
-    try:
-        if "MJD-AVG" in hdr:
-            return Time(float(hdr["MJD-AVG"]), format="mjd", scale=scale)
-        if "DATE-AVG" in hdr:
-            return Time(str(hdr["DATE-AVG"]), format="isot", scale=scale)
-        if "MJD-OBS" in hdr:
-            start = Time(float(hdr["MJD-OBS"]), format="mjd", scale=scale)
-        elif "DATE-OBS" in hdr:
-            start = Time(str(hdr["DATE-OBS"]), format="isot", scale=scale)
-        elif "OBSMJD" in hdr:  # ZTF: start of exposure, UTC
-            start = Time(float(hdr["OBSMJD"]), format="mjd", scale="utc")
-        else:
-            raise BadImageError(path, hdu, "no time keyword (MJD-AVG, DATE-AVG, MJD-OBS, DATE-OBS or OBSMJD)")
-    except BadImageError:
-        raise
-    except Exception as err:
-        raise BadImageError(path, hdu, f"unparseable time keyword ({err})") from err
-    from astropy import units as u
-
-    return start + (exptime / 2.0) * u.s
-
-
-def _band(hdr) -> str:
-    band = str(hdr.get("FILTER", hdr.get("FILTERID", "unknown"))).strip()
-    if band.upper().startswith("ZTF_"):
-        band = band[4:]
-    return band
 
 
 def celestial_wcs(hdr, path, hdu) -> WCS:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 
 from ..core.io import IMAGES, write_parquet
 from .cache import write_tile_cache
-from .index import index_survey
+from .index import NoUsableImageError, index_survey, reason_counts
 from .partitions import assign_partitions
 from .pixels import aux_of, read_pixels
 
@@ -29,18 +30,41 @@ def select_images(index: pd.DataFrame, kind: str, band: str | None = None) -> pd
 
 
 def index_stage(paths, images_out, rejected_out, *, site, on_bad_image: str, n_partitions: int,
-                log: logging.Logger) -> pd.DataFrame:
-    """``index_survey``: images.parquet (with partitions) and rejected_images.parquet."""
-    log.info("indexing %d files (on_bad_image=%s)", len(paths), on_bad_image)
-    images, rejected = index_survey(paths, site=site, on_bad_image=on_bad_image, progress=log.info)
+                log: logging.Logger, sites=None, conventions=None, ccd_tables=None) -> pd.DataFrame:
+    """``index_survey``: images.parquet (with partitions) and rejected_images.parquet.
+
+    rejected_images.parquet is written even when no image is usable, before the error.
+    ``sites``, ``conventions``, ``ccd_tables``: the config's survey.sites,
+    survey.conventions and survey.ccd_tables.
+    """
+    log.info("indexing %d files (on_bad_image=%s, %d CCD table(s), %d extra convention(s), %d extra site(s))",
+             len(paths), on_bad_image, len(ccd_tables or []), len(conventions or []), len(sites or {}))
+    try:
+        images, rejected = index_survey(paths, site=site, on_bad_image=on_bad_image, progress=log.info,
+                                        sites=sites, conventions=conventions, ccd_tables=ccd_tables)
+    except NoUsableImageError as err:
+        write_parquet(err.rejected, rejected_out)
+        for _, r in err.rejected.iterrows():
+            log.warning("left out %s [HDU %d]: %s", r["path"], r["hdu"], r["reason"])
+        log.error("%s", err)
+        raise
     images["partition"] = assign_partitions(images, n_partitions)
     write_parquet(rejected, rejected_out)
     write_parquet(images, images_out, schema=IMAGES)
     for _, r in rejected.iterrows():
         log.warning("left out %s [HDU %d]: %s", r["path"], r["hdu"], r["reason"])
+    no_zp = images[~np.isfinite(images["magzp"].to_numpy(dtype=float))]
+    if len(no_zp):
+        log.warning("%d image(s) have no zero point (magzp NaN: no header keyword, not in survey.ccd_tables); "
+                    "stages that need photometry refuse them: %s", len(no_zp),
+                    ", ".join(f"{p} [HDU {h}]" for p, h in zip(no_zp["path"][:5], no_zp["hdu"][:5]))
+                    + (" ..." if len(no_zp) > 5 else ""))
+    for conv, n in images["convention"].value_counts().items():
+        log.info("convention %s: %d image HDU(s)", conv, n)
     counts = images.groupby("partition").size().to_dict()
-    log.info("indexed %d image HDUs (%d difference) into %d partitions %s; %d left out",
-             len(images), int(images["is_difference"].sum()), n_partitions, counts, len(rejected))
+    log.info("indexed %d image HDUs (%d difference) into %d partitions %s; %d left out%s",
+             len(images), int(images["is_difference"].sum()), n_partitions, counts, len(rejected),
+             f" ({reason_counts(rejected)})" if len(rejected) else "")
     return images
 
 
@@ -58,3 +82,24 @@ def cache_stage(images_path, partition: int, cache_out, *, tile_px: int, log: lo
 
     write_tile_cache(cache_out, pixels(), tile=tile_px)
     log.info("wrote %s", cache_out)
+
+
+def with_zero_point(images: pd.DataFrame, where: str, log: logging.Logger | None = None) -> pd.DataFrame:
+    """The images that have a zero point (finite ``magzp``), for the stages that measure fluxes.
+
+    Photometry across images without one would mix ADU with nanomaggies (and weight images
+    wrongly in the combined SNR), so they are left out with a warning, and a stage whose images
+    all lack one is refused with the reason.
+    """
+    ok = np.isfinite(images["magzp"].to_numpy(np.float64))
+    if ok.all():
+        return images
+    missing = images.loc[~ok]
+    if not ok.any():
+        raise ValueError(f"{where}: none of the {len(images)} images has a zero point (magzp is NaN, e.g. "
+                         f"{missing['path'].iloc[0]}): give a zero-point keyword, a survey.conventions rule or "
+                         f"survey.ccd_tables")
+    if log is not None:
+        log.warning("%s: %d of %d images have no zero point and are left out (e.g. %s)", where, len(missing),
+                    len(images), missing["path"].iloc[0])
+    return images[ok].reset_index(drop=True)
