@@ -20,6 +20,28 @@ CUDA_ENV = "../../envs/cuda.yaml"
 # *main* Snakefile, i.e. another workflow's when skystack is used as a module.
 REPO_DIR = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parents[1]
 KNOWN_OBJECTS = str(REPO_DIR / "resources" / "known_objects.csv")
+
+
+def repo_path(path):
+    """An input path of the config (``$VAR`` and ``~`` expanded), relative ones taken from the
+    repository (two levels above this file), so that an experiment that ships with the
+    repository reads the same files from any ``--directory``."""
+    path = os.path.expanduser(os.path.expandvars(str(path)))
+    return path if os.path.isabs(path) else str(REPO_DIR / path)
+
+
+# Every input path of the config is resolved here, once: survey.paths (globs), survey.ccd_tables,
+# catalog.path, orbits.path, deconvolve.stamps_path and deconvolve.psfs_path. Outputs
+# (results_dir, cache_dir, logs, search.staging_dir) stay relative to the working directory.
+config["survey"]["paths"] = [repo_path(p) for p in config["survey"]["paths"]]
+config["survey"]["ccd_tables"] = [repo_path(p) for p in config["survey"]["ccd_tables"]]
+for _section in ("catalog", "orbits"):
+    if config[_section]["path"]:
+        config[_section]["path"] = repo_path(config[_section]["path"])
+for _key in ("stamps_path", "psfs_path"):
+    if config["deconvolve"][_key]:
+        config["deconvolve"][_key] = repo_path(config["deconvolve"][_key])
+
 # envs/*.yaml install skystack from here (Snakemake hands conda a copy of each env file, so a
 # path relative to the file would point into .snakemake/).
 os.environ.setdefault("SKYSTACK_REPO", str(REPO_DIR))
@@ -195,11 +217,6 @@ def deconvolve_targets():
         result("deconvolved", "deconvolved.fits"),
         result("deconvolved", "diagnostics.parquet"),
     ]
-
-
-def repo_path(path):
-    """A config path, relative ones taken from the repository (the Snakefile's directory)."""
-    return str(REPO_DIR / path) if not os.path.isabs(path) else path
 
 
 def stamp_sources(wildcards):

@@ -41,6 +41,7 @@ rule search_shard:
         smoothing_sigma_px=config["search"]["smoothing_sigma_px"],
         max_batch_mb=config["search"]["max_batch_mb"],
         staging_dir=config["search"]["staging_dir"],
+        without_zero_point=config["search"]["without_zero_point"],
     script:
         "../scripts/search_shard.py"
 

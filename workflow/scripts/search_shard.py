@@ -7,4 +7,4 @@ p = snakemake.params
 shard_stage(snakemake.input.images, snakemake.input.cache, snakemake.input.listed, snakemake.input.plan,
             int(snakemake.wildcards.chunk), int(snakemake.wildcards.partition), snakemake.output.partials,
             image_kind=p.images, smoothing_sigma_px=p.smoothing_sigma_px, max_batch_mb=p.max_batch_mb,
-            staging_dir=p.staging_dir, log=log)
+            staging_dir=p.staging_dir, without_zero_point=p.without_zero_point, log=log)

@@ -43,6 +43,9 @@ class ImageData:
         likelihood is then Gaussian with ``noise_var``
     image_id : caller's identifier
     psf_components : mixture size for fitted pixelised PSFs
+    saturated : optional (ny, nx) bool map of pixels at or above the saturation level (they are
+        NaN in ``pixels``); detection merges the pieces of a source that the masked region
+        holding them (core, bleed trail) cuts apart (``detect.extract_image``)
     """
 
     pixels: np.ndarray
@@ -56,6 +59,7 @@ class ImageData:
     sky_subtracted: bool = False
     image_id: int = 0
     psf_components: int = 2
+    saturated: np.ndarray | None = None
     _psf_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):

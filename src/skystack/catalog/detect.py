@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import sep
+from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -23,6 +24,17 @@ from .priors import MAG_TO_LN, NMGY_ZERO_MAG, color_names, sort_bands
 GAUSS_R50_PER_SIGMA = 1.1774  # half-light radius of a circular Gaussian, in sigmas
 KRON_FACTOR = 2.5
 MIN_KRON_RADIUS = 3.5
+
+
+def saturated_regions(mask: np.ndarray, saturated: np.ndarray | None) -> np.ndarray:
+    """The masked pixels that belong to a saturated source: every connected region of the
+    bad-pixel mask (8-connected) that holds at least one saturated pixel (the saturated core,
+    its bleed trail and the pixels the pipeline masked or interpolated around them)."""
+    if saturated is None or not (saturated & mask).any():
+        return np.zeros(mask.shape, bool)
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    hit = np.unique(labels[saturated & mask])
+    return np.isin(labels, hit[hit > 0])
 
 
 def _background(image: ImageData, global_rms: bool = False):
@@ -41,9 +53,55 @@ def _background(image: ImageData, global_rms: bool = False):
     return np.ascontiguousarray(sub, dtype=np.float32), rms, mask
 
 
+def _pieces_of_saturated_sources(seg: np.ndarray, sat: np.ndarray, n_objects: int) -> np.ndarray:
+    """For each detected object, the saturated region (label > 0) its segment touches most,
+    else 0: the pieces of one saturated source's halo that its masked core and bleed trail
+    cut apart."""
+    regions, _ = ndimage.label(sat, structure=np.ones((3, 3), bool))
+    reach = ndimage.grey_dilation(regions, footprint=np.ones((3, 3), bool))  # one pixel around each region
+    out = np.zeros(n_objects, np.int64)
+    touched = (seg > 0) & (reach > 0)
+    for k in range(n_objects):
+        near = reach[touched & (seg == k + 1)]
+        if near.size:
+            out[k] = np.bincount(near).argmax()
+    return out
+
+
+def _merge_pieces(df: pd.DataFrame, region: np.ndarray) -> pd.DataFrame:
+    """One detection per saturated region from the pieces that touch it: fluxes (and pixel
+    counts) added, positions flux-weighted, the shape of the brightest piece, the largest
+    half-light radius."""
+    keep = region == 0
+    rows = [df[keep]]
+    for r in np.unique(region[~keep]):
+        g = df[region == r]
+        if len(g) == 1:
+            rows.append(g)
+            continue
+        w = np.clip(g["flux_auto"].to_numpy(float), 1e-12, None)
+        row = g.iloc[[int(np.argmax(w))]].copy()
+        for col in ("x", "y", "x_win", "y_win"):
+            row[col] = np.sum(w * g[col].to_numpy(float)) / w.sum()
+        row["flux"] = g["flux"].sum()
+        row["flux_auto"] = g["flux_auto"].sum()
+        row["flux_auto_err"] = np.sqrt(np.sum(g["flux_auto_err"].to_numpy(float) ** 2))
+        row["npix"] = g["npix"].sum()
+        row["flag"] = np.bitwise_or.reduce(g["flag"].to_numpy())
+        row["r50_px"] = np.nanmax(g["r50_px"].to_numpy(float))
+        row["snr"] = row["flux_auto"] / np.maximum(row["flux_auto_err"], 1e-12)
+        rows.append(row)
+    return pd.concat(rows).sort_index().reset_index(drop=True)
+
+
 def extract_image(image: ImageData, thresh_sigma: float = 1.5, minarea: int = 5,
                   deblend_cont: float = 0.005, windowed: bool = True, global_rms: bool = False) -> pd.DataFrame:
     """Detections in one image, with SExtractor's default detection settings.
+
+    A saturated source whose masked core and bleed trail (``saturated_regions``) cut its
+    halo into pieces gives one detection: the pieces that touch the same saturated region
+    are merged (``_merge_pieces``), instead of standing for several sources. (A faint source
+    that touches the same masked region, e.g. on a long bleed trail, is merged with it too.)
 
     The threshold is ``thresh_sigma`` times the background rms: its local map, or with
     ``global_rms`` the image-wide value (as SExtractor's ``THRESH_TYPE RELATIVE`` with a
@@ -56,7 +114,12 @@ def extract_image(image: ImageData, thresh_sigma: float = 1.5, minarea: int = 5,
     flux_auto_err (ADU), r50_px (half-light radius), snr, flag.
     """
     sub, rms, mask = _background(image, global_rms)
-    objs = sep.extract(sub, thresh_sigma, err=rms, mask=mask, minarea=minarea, deblend_cont=deblend_cont)
+    sat = saturated_regions(mask, image.saturated)
+    if sat.any():
+        objs, seg = sep.extract(sub, thresh_sigma, err=rms, mask=mask, minarea=minarea, deblend_cont=deblend_cont,
+                                segmentation_map=True)
+    else:
+        objs = sep.extract(sub, thresh_sigma, err=rms, mask=mask, minarea=minarea, deblend_cont=deblend_cont)
     df = pd.DataFrame({k: objs[k] for k in ("x", "y", "a", "b", "theta", "flux", "flag", "npix")})
     if len(df) == 0:
         return df.assign(x_win=[], y_win=[], flux_auto=[], flux_auto_err=[], r50_px=[], snr=[])
@@ -78,6 +141,8 @@ def extract_image(image: ImageData, thresh_sigma: float = 1.5, minarea: int = 5,
         df["x_win"], df["y_win"] = np.where(ok, xw, objs["x"]), np.where(ok, yw, objs["y"])
     else:
         df["x_win"], df["y_win"] = df["x"], df["y"]
+    if sat.any():
+        df = _merge_pieces(df, _pieces_of_saturated_sources(seg, sat, len(df)))
     return df
 
 

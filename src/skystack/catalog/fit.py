@@ -365,6 +365,7 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
     if n_fit == 0:
         return empty_catalog(bands)
     scene = _Scene(table, images, bands, patch_px, max_images)
+    _warn_masked_patches(sources, scene)
     renderer = _renderer(lay_s, lay_g, patch_px)
     passes = n_passes if scene.n_pairs else 1
     fit = scene.fit_rows
@@ -390,6 +391,27 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
             log_odds = lz_s - lz_g + np.log(p_prior / (1 - p_prior))
             p_star[fit[i]] = 1.0 / (1.0 + np.exp(-np.clip(log_odds, -700, 700)))
     return _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star[fit], p_prior, scene, iterations, region)
+
+
+#: Below this fraction of usable (unmasked, unsaturated) pixels in its patches a source's fit
+#: is said to be weakly constrained.
+MIN_USABLE_FRACTION = 0.5
+
+
+def _warn_masked_patches(sources: pd.DataFrame, scene: _Scene) -> None:
+    """Warn about sources whose patches are mostly masked (a saturated core and bleed trail,
+    bad columns, the image edge): their fluxes and types rest on the few pixels left, so they
+    are fitted and kept, and said so."""
+    n_pix = scene.n_images * scene.size**2
+    usable = scene.arrays["weight"].sum(axis=(1, 2, 3))
+    frac = np.where(n_pix > 0, usable / np.maximum(n_pix, 1), 0.0)
+    weak = np.flatnonzero(frac < MIN_USABLE_FRACTION)
+    if weak.size:
+        ra, dec = sources["ra"].to_numpy(float), sources["dec"].to_numpy(float)
+        shown = ", ".join(f"({ra[i]:.5f}, {dec[i]:.5f}): {100 * frac[i]:.0f}%" for i in weak[:5])
+        log.warning("%d source(s) have under %.0f%% usable pixels in their %d px patches (masked, saturated or off "
+                    "the image), so their fluxes, shapes and types are weakly constrained: %s%s", weak.size,
+                    100 * MIN_USABLE_FRACTION, scene.size, shown, " ..." if weak.size > 5 else "")
 
 
 def _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star, p_prior, scene, iterations, region) -> pd.DataFrame:

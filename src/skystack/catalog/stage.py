@@ -30,13 +30,20 @@ CANDIDATE_COLUMNS = ("ra", "dec", "flux_r_nmgy")
 
 
 def load_image(row) -> ImageData:
-    """Pixels (NaN where masked or saturated), WCS, PSF (the ``PSF`` extension when present)."""
+    """Pixels (NaN where masked or saturated), WCS, PSF (the ``PSF`` extension when present),
+    and the map of saturated pixels (raw value at or above the indexed ``saturate``)."""
     aux = aux_of(row)
-    pixels = read_pixels(row["path"], int(row["hdu"]), aux, float(row["saturate"]))
+    saturate = float(row["saturate"])
+    pixels = read_pixels(row["path"], int(row["hdu"]), aux, saturate)
     psf = None
     if "PSF" in aux:
         psf = np.asarray(fits.getdata(row["path"], aux["PSF"]), dtype=float)
-    return ImageData.from_index_row(row, pixels, psf)
+    saturated = None
+    if np.isfinite(saturate) and np.isnan(pixels).any():
+        with fits.open(row["path"], memmap=False) as hdul:
+            raw = np.asarray(hdul[int(row["hdu"])].data, dtype=np.float32)
+        saturated = raw >= saturate
+    return ImageData.from_index_row(row, pixels, psf, saturated=saturated)
 
 
 def _unit(ra_deg, dec_deg) -> np.ndarray:

@@ -157,7 +157,7 @@ def extract_stage(stamps_out, psfs_out, meta_out, *, cfg: dict, galaxies_path=No
         log.info("%d galaxies (%s); cutting up to %d stamps of %d px from %s-band science images", len(galaxies),
                  cfg["source"], cfg["max_stamps"], cfg["stamp_px"], cfg["band"])
         stamps, psfs, meta = cut_stamps(galaxies, index, cfg["band"], cfg["stamp_px"], cfg["max_stamps"],
-                                        progress=log.info)
+                                        progress=log.info, warn=log.warning)
         log.info("%d clean stamps from %d images; PSF: the image's at its centre (PSF extension, else Gaussian)",
                  len(stamps), meta["image_id"].nunique())
     write_stack(stamps, stamps_out)

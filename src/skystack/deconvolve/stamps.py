@@ -138,7 +138,7 @@ def cut_one(pixels: np.ndarray, x_px: float, y_px: float, stamp_px: int) -> np.n
 
 
 def cut_stamps(galaxies: pd.DataFrame, index: pd.DataFrame, band: str, stamp_px: int, max_stamps: int,
-               progress=None):
+               progress=None, warn=None):
     """Sky-subtracted stamps of the first ``max_stamps`` galaxies that give a clean stamp.
 
     Parameters
@@ -153,6 +153,9 @@ def cut_stamps(galaxies: pd.DataFrame, index: pd.DataFrame, band: str, stamp_px:
     max_stamps : int
     progress : callable, optional
         Called with a message after each image block.
+    warn : callable, optional
+        Called with a message naming how many galaxies gave no stamp, and why (no science
+        image of the band holds the whole stamp; bad pixels in every stamp tried).
 
     Returns
     -------
@@ -164,9 +167,15 @@ def cut_stamps(galaxies: pd.DataFrame, index: pd.DataFrame, band: str, stamp_px:
         raise ValueError(f"deconvolve.stamp_px must be odd, got {stamp_px}")
     images = select_images(index, "science", band)
     placed = place_galaxies(galaxies, images, stamp_px // 2).reset_index(drop=True)
+    if warn is not None and len(placed) < len(galaxies):
+        sizes = sorted({(int(r["naxis1"]), int(r["naxis2"])) for _, r in images.iterrows()})
+        warn(f"{len(galaxies) - len(placed)} of {len(galaxies)} galaxies give no stamp: no {band}-band science image "
+             f"({len(images)}, sizes {', '.join(f'{a}x{b}' for a, b in sizes[:4])}{' ...' if len(sizes) > 4 else ''} "
+             f"px) holds the whole {stamp_px} px stamp around them")
     rows = images.set_index("image_id")
     kept = {}  # position in ``placed`` -> (stamp, psf, meta row)
     start = 0
+    n_bad = 0
     # Candidates in blocks of the number still missing, one read per image and block: the
     # bright galaxies of a big survey are spread over many images, and most are never needed.
     while len(kept) < max_stamps and start < len(placed):
@@ -183,8 +192,13 @@ def cut_stamps(galaxies: pd.DataFrame, index: pd.DataFrame, band: str, stamp_px:
                 if cut is not None:
                     kept[pos] = ((cut.astype(np.float64) - sky).astype(np.float32), psf,
                                  (g["ra"], g["dec"], int(image_id), g["x"], g["y"], float(row["noise_sigma"])))
+                else:
+                    n_bad += 1
         if progress:
             progress(f"{len(kept)} clean stamps from the first {start} of {len(placed)} placed galaxies")
+    if warn is not None and n_bad:
+        warn(f"{n_bad} of {start} placed galaxies give no stamp: their {stamp_px} px stamp holds bad pixels "
+             "(masked or saturated) in the image where they lie farthest from the edge")
     order = sorted(kept)[:max_stamps]
     meta = pd.DataFrame([(k,) + kept[pos][2] for k, pos in enumerate(order)], columns=META_COLUMNS)
     meta = meta.astype({"stamp": "int64", "image_id": "int64"})

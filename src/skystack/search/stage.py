@@ -53,12 +53,14 @@ def searched_images(index: pd.DataFrame, image_kind: str, where: str) -> pd.Data
 
 
 def shard_stage(images_path, cache_path, listed_path, plan_path, chunk_range: int, partition: int, partials_out, *,
-                image_kind: str, smoothing_sigma_px: float, max_batch_mb: int, staging_dir, log: logging.Logger):
+                image_kind: str, smoothing_sigma_px: float, max_batch_mb: int, staging_dir, log: logging.Logger,
+                without_zero_point: str = "leave_out"):
     """``search_shard``: matched-filter partial sums of one chunk range on one partition."""
     plan = _read_plan(plan_path)
     listed = pd.read_parquet(listed_path)
     index = pd.read_parquet(images_path)
-    images = with_zero_point(searched_images(index, image_kind, where=str(images_path)), str(images_path), log)
+    images = with_zero_point(searched_images(index, image_kind, where=str(images_path)), str(images_path), log,
+                             without_zero_point=without_zero_point)
     images = images[images["partition"] == partition]
     local = stage_cache(cache_path, staging_dir)
     if local != cache_path:

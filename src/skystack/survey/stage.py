@@ -16,6 +16,8 @@ from .partitions import assign_partitions
 from .pixels import aux_of, read_pixels
 
 IMAGE_KINDS = ("science", "difference")
+#: ``search.without_zero_point``: what the search does with images that have no zero point.
+ZERO_POINT_POLICIES = ("leave_out", "adu")
 
 
 def select_images(index: pd.DataFrame, kind: str, band: str | None = None) -> pd.DataFrame:
@@ -84,21 +86,39 @@ def cache_stage(images_path, partition: int, cache_out, *, tile_px: int, log: lo
     log.info("wrote %s", cache_out)
 
 
-def with_zero_point(images: pd.DataFrame, where: str, log: logging.Logger | None = None) -> pd.DataFrame:
+def with_zero_point(images: pd.DataFrame, where: str, log: logging.Logger | None = None,
+                    without_zero_point: str = "leave_out") -> pd.DataFrame:
     """The images that have a zero point (finite ``magzp``), for the stages that measure fluxes.
 
     Photometry across images without one would mix ADU with nanomaggies (and weight images
     wrongly in the combined SNR), so they are left out with a warning, and a stage whose images
     all lack one is refused with the reason.
+
+    ``without_zero_point`` (``search.without_zero_point``): ``leave_out`` as above; ``adu``:
+    when *none* of the images has a zero point, all are kept and their fluxes stay in ADU
+    (``counts_per_nmgy`` is 1 for a NaN zero point), so flux columns named ``*_nmgy`` then
+    hold ADU. Each image's SNR does not depend on the zero point; the combined SNR weights
+    images by their noise in ADU, which is right for images on one photometric scale (one
+    camera, band and exposure time). When some images have a zero point the others are still
+    left out: ADU and nanomaggies are never mixed.
     """
+    if without_zero_point not in ZERO_POINT_POLICIES:
+        raise ValueError(f"search.without_zero_point must be one of {', '.join(ZERO_POINT_POLICIES)}, "
+                         f"got {without_zero_point!r}")
     ok = np.isfinite(images["magzp"].to_numpy(np.float64))
     if ok.all():
         return images
     missing = images.loc[~ok]
     if not ok.any():
+        if without_zero_point == "adu":
+            if log is not None:
+                log.warning("%s: none of the %d images has a zero point; search.without_zero_point is 'adu', so all "
+                            "are searched with fluxes in ADU per image (columns named *_nmgy hold ADU; the "
+                            "combined SNR assumes one photometric scale across them)", where, len(images))
+            return images
         raise ValueError(f"{where}: none of the {len(images)} images has a zero point (magzp is NaN, e.g. "
                          f"{missing['path'].iloc[0]}): give a zero-point keyword, a survey.conventions rule or "
-                         f"survey.ccd_tables")
+                         f"survey.ccd_tables (or, for the search, search.without_zero_point: adu)")
     if log is not None:
         log.warning("%s: %d of %d images have no zero point and are left out (e.g. %s)", where, len(missing),
                     len(images), missing["path"].iloc[0])
