@@ -461,17 +461,18 @@ def sip_distort(params: WcsParams, u_px, v_px):
     return u_px + f, v_px + g
 
 
-def _sip_and_jacobian(params: WcsParams, u, v):
-    """SIP terms f, g and their derivatives, as written-out sums over the coefficients with
-    p + q <= order (elementwise work that fuses, rather than many tiny matrix products)."""
-    order = params.sip_a.shape[-1] - 1
-    a, b = params.sip_a, params.sip_b
-    up = [jnp.ones_like(u)] + [None] * order
-    vp = [jnp.ones_like(v)] + [None] * order
-    for k in range(1, order + 1):
-        up[k], vp[k] = up[k - 1] * u, vp[k - 1] * v
-    zero = jnp.zeros_like(u)
+def _poly_and_jacobian(a, b, u, v, xp=jnp):
+    """``f = sum_pq a[p, q] u^p v^q``, ``g`` likewise with ``b`` (terms with p + q <= order),
+    and their derivatives ``f_u, f_v, g_u, g_v``: written-out sums, elementwise work that fuses,
+    rather than many tiny matrix products. ``xp`` is ``jnp`` or ``np``; an order below 0 (the
+    coefficients trimmed away) gives zeros."""
+    order = a.shape[-1] - 1
+    zero = xp.zeros_like(u)
     f = g = fu = fv = gu = gv = zero
+    up, vp = [xp.ones_like(u)], [xp.ones_like(v)]
+    for _ in range(order):
+        up.append(up[-1] * u)
+        vp.append(vp[-1] * v)
     for p in range(order + 1):
         for q in range(order + 1 - p):
             ca, cb = a[..., p, q], b[..., p, q]
@@ -484,6 +485,11 @@ def _sip_and_jacobian(params: WcsParams, u, v):
                 dv = q * up[p] * vp[q - 1]
                 fv, gv = fv + ca * dv, gv + cb * dv
     return f, g, fu, fv, gu, gv
+
+
+def _sip_and_jacobian(params: WcsParams, u, v):
+    """SIP terms f, g and their derivatives at pixel offsets (u, v)."""
+    return _poly_and_jacobian(params.sip_a, params.sip_b, u, v)
 
 
 def sip_undistort(params: WcsParams, big_u_px, big_v_px, n_iter: int = NEWTON_ITERATIONS):
@@ -505,25 +511,8 @@ def _tpv_and_jacobian(params: WcsParams, x, y, xp=jnp):
     """TPV polynomial minus the identity, ``(f, g) = (xi - x, eta - y)``, and its
     derivatives at intermediate world coordinates ``(x, y)`` (degrees). ``xp`` is ``jnp``
     or ``np`` (coefficients broadcast against ``x``, ``y``)."""
-    a, b, rc = params.tpv_a, params.tpv_b, params.tpv_r
-    order = a.shape[-1] - 1
-    f = g = fx = fy = gx = gy = 0.0
-    if order >= 0:
-        xs, ys = [xp.ones_like(x)], [xp.ones_like(y)]
-        for _ in range(order):
-            xs.append(xs[-1] * x)
-            ys.append(ys[-1] * y)
-        for p in range(order + 1):
-            for q in range(order + 1 - p):
-                ca, cb = a[..., p, q], b[..., p, q]
-                term = xs[p] * ys[q]
-                f, g = f + ca * term, g + cb * term
-                if p:
-                    d = p * xs[p - 1] * ys[q]
-                    fx, gx = fx + ca * d, gx + cb * d
-                if q:
-                    d = q * xs[p] * ys[q - 1]
-                    fy, gy = fy + ca * d, gy + cb * d
+    rc = params.tpv_r
+    f, g, fx, fy, gx, gy = _poly_and_jacobian(params.tpv_a, params.tpv_b, x, y, xp)
     if rc.shape[-1]:
         r2 = x * x + y * y
         r = xp.sqrt(r2)
