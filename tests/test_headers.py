@@ -61,6 +61,8 @@ def test_detector_id_without_quadrants():
     (None, "different_field.fits", False),  # "diff..." in a name is not a difference product
     (None, "deepDiff_differenceExp_HSC_I_1228_29.fits", True),
     (None, "calexp_HSC_I_1228_29.fits", False),
+    ("science", "ztf_20200101123456_000123_zr_c05_o_q2_scimrefdiffimg.fits.fz", False),  # the header wins
+    ("object", "ztf_20200101123456_000123_zr_c05_o_q2_scimrefdiffimg.fits.fz", True),  # says nothing: the name
 ])
 def test_is_difference_image(imagetyp, name, expected):
     hdr = fits.Header()

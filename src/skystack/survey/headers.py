@@ -159,9 +159,14 @@ DIFFERENCE_NAME_MARKERS = ("scimrefdiffimg", "differenceexp", "diffexp")
 
 def is_difference_image(hdr, path) -> bool:
     """True for a difference image: ``IMAGETYP`` starting with "diff", or a file name with one
-    of ``DIFFERENCE_NAME_MARKERS``."""
-    if str(hdr.get("IMAGETYP", "")).strip().lower().startswith("diff"):
+    of ``DIFFERENCE_NAME_MARKERS``. The header wins: ``IMAGETYP = 'science'`` is a science
+    image whatever the file is called (an observation type such as 'object' says nothing
+    either way, so the name decides)."""
+    image_type = str(hdr.get("IMAGETYP", "")).strip().lower()
+    if image_type.startswith("diff"):
         return True
+    if image_type in ("science", "sci"):
+        return False
     name = Path(path).name.lower()
     return any(marker in name for marker in DIFFERENCE_NAME_MARKERS)
 
