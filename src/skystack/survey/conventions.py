@@ -362,6 +362,19 @@ def _good(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def _finite_number(hdr, key: str) -> float | None:
+    """The header value of ``key`` as a finite number, or None (absent, not a number, NaN, inf):
+    a rule whose keyword says nothing usable gives way to the next rule."""
+    value = _value(hdr, key)
+    if value is None:
+        return None
+    try:
+        v = _float(value, key)
+    except ConventionError:
+        return None
+    return v if math.isfinite(v) else None
+
+
 def read_zeropoint(hdr, conv, exptime: float | None) -> tuple[float, str]:
     """(AB zero point of the pixel values, how) or (NaN, '') when the header has none."""
     per_s = per_second_pixels(hdr, conv)
@@ -369,14 +382,8 @@ def read_zeropoint(hdr, conv, exptime: float | None) -> tuple[float, str]:
         kind = rule.get("kind", "mag")
         if kind == "constant":
             return float(rule["value"]), f"constant {rule['value']} ({conv['name']} calibrated pixels)"
-        value = _value(hdr, rule.get("key", ""))
-        if value is None:
-            continue
-        try:
-            v = _float(value, rule["key"])
-        except ConventionError:
-            continue
-        if not math.isfinite(v):
+        v = _finite_number(hdr, rule.get("key", ""))
+        if v is None:
             continue
         if kind == "fluxmag0":
             if v <= 0:
@@ -436,14 +443,8 @@ def read_gain(hdr, conv, exptime: float | None) -> tuple[float, str]:
 def psf_fwhm_px(hdr, conv, pixscale_arcsec: float) -> tuple[float, str] | None:
     """(PSF FWHM in pixels, keyword) from the first usable PSF keyword, else None."""
     for rule in conv.get("psf") or []:
-        value = _value(hdr, rule["key"])
-        if value is None:
-            continue
-        try:
-            v = _float(value, rule["key"])
-        except ConventionError:
-            continue
-        if not (math.isfinite(v) and v > 0):
+        v = _finite_number(hdr, rule["key"])
+        if v is None or v <= 0:
             continue
         if rule.get("unit", "px") == "arcsec":
             return v / pixscale_arcsec, f"{rule['key']} (arcsec)"
