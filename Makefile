@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
+	@$(VENV)/bin/python -m skystack.core.config config/config.yaml $(CONFIG)
 	$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG)
 	@$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG) --quiet all \
 	  --report $$($(VENV)/bin/python -m skystack.report.summary --configfile $(CONFIG) --report-path)

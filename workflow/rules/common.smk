@@ -1,4 +1,5 @@
 # Config validation and the path helpers every rule uses.
+import math
 import os
 from pathlib import Path
 
@@ -9,6 +10,25 @@ from snakemake.utils import validate
 # relative to this file so that parsing the workflow (snakemake --lint, --dry-run) does not need
 # skystack importable.
 validate(config, schema="../schemas/config.schema.yaml")
+
+
+def non_finite_keys(value, where=""):
+    """Dotted keys of NaN or infinite numbers, which jsonschema's bounds let through (as
+    skystack.core.config.non_finite_keys; here so that parsing needs no skystack)."""
+    if isinstance(value, dict):
+        items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return [where] if isinstance(value, float) and not math.isfinite(value) else []
+    return [bad for key, v in items for bad in non_finite_keys(v, key)]
+
+
+if non_finite_keys(config):
+    raise WorkflowError(
+        f"config: {', '.join(non_finite_keys(config))}: must be a finite number "
+        "(not NaN or inf)"
+    )
 
 EXPERIMENT = config["experiment"]
 RESULTS = Path(config["results_dir"]) / EXPERIMENT

@@ -1,6 +1,7 @@
 """The workflow's config outside Snakemake: validated and defaulted from the same schema."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jsonschema
@@ -33,20 +34,65 @@ def _merge(base: dict, update: dict) -> dict:
     return base
 
 
+def non_finite_keys(value, where: str = "") -> list[str]:
+    """Dotted keys (``search.snr_threshold``, ``deconvolve.kappa[1]``) of every NaN or infinite
+    number: jsonschema lets NaN through any minimum/maximum, since NaN compares false."""
+    if isinstance(value, dict):
+        items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return [where] if isinstance(value, float) and not math.isfinite(value) else []
+    return [bad for key, v in items for bad in non_finite_keys(v, key)]
+
+
+def _read_yaml(path) -> dict:
+    """One config file; a YAML syntax error names the file, line and column."""
+    try:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except yaml.MarkedYAMLError as err:
+        mark, ctx = err.problem_mark, err.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f" ({err.context} at line {ctx.line + 1}, column {ctx.column + 1})" if ctx and err.context else ""
+        raise ValueError(f"{path}: {at}YAML syntax error: {err.problem}{context}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of settings")
+    return loaded
+
+
 def load_config(*paths) -> dict:
     """Merge the YAML files in order (later wins, key by key at every depth, as Snakemake merges
     its ``configfile:`` and ``--configfile`` files), validate, fill defaults."""
     config: dict = {}
     for path in paths:
-        with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must be a mapping of settings")
+        loaded = _read_yaml(path)
+        bad = non_finite_keys(loaded)
+        if bad:
+            raise ValueError(f"{path}: {', '.join(bad)}: must be a finite number (not NaN or inf)")
         _merge(config, loaded)
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     try:
         jsonschema.validate(config, schema)
     except jsonschema.ValidationError as err:
-        where = "/".join(map(str, err.absolute_path)) or "(top level)"
+        where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in err.absolute_path).lstrip(".")
+        where = where or "(top level)"
         raise ValueError(f"{', '.join(map(str, paths))}: {where}: {err.message}") from None
     return _fill_defaults(schema, config)
+
+
+def main(argv=None) -> int:
+    """``python -m skystack.core.config FILE...``: check config files as the workflow will
+    (Snakemake's own loader names neither the file nor the line of a YAML syntax error)."""
+    import sys
+
+    try:
+        load_config(*(argv if argv is not None else sys.argv[1:]))
+    except (OSError, ValueError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -110,8 +110,12 @@ def load_orbits(path) -> pd.DataFrame:
             df = pd.read_csv(path, comment="#")
         else:
             raise ValueError(f"{path}: unknown orbit file type {path.suffix!r} (use .csv or .parquet)")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: orbit file is empty (no header line, no orbit)") from None
     except (OSError, pd.errors.ParserError) as err:
         raise ValueError(f"{path}: cannot read orbit file ({err})") from err
+    if df.empty:
+        raise ValueError(f"{path}: orbit file has no orbit rows (columns: {', '.join(map(str, df.columns))})")
     if "orbit_id" not in df.columns:
         df.insert(0, "orbit_id", np.arange(len(df), dtype=np.int64))
     return validate_orbits(df, source=str(path))
@@ -129,6 +133,8 @@ def load_known_objects(path) -> pd.DataFrame:
     path = Path(path)
     try:
         df = pd.read_csv(path, comment="#")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: known-objects file is empty (no header line, no object)") from None
     except (OSError, pd.errors.ParserError) as err:
         raise ValueError(f"{path}: cannot read known objects ({err})") from err
     if "name" not in df.columns:

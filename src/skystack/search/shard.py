@@ -114,20 +114,47 @@ def _empty_partials() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="int64" if c.endswith("_id") else "float64") for c in PARTIAL_COLUMNS})
 
 
+def _is_copy_of(dst, src, digest: str) -> bool:
+    """Whether ``dst`` is a staged copy of ``src``: same size and index digest (a damaged or
+    partial copy is staged again)."""
+    from ..survey.cache import read_index
+
+    try:
+        return dst.stat().st_size == src.stat().st_size and read_index(dst)["digest"] == digest
+    except (OSError, ValueError):
+        return False
+
+
 def stage_cache(path, staging_dir) -> str:
-    """Copy a tile cache to node-local disk once (reused by every chunk of the job)."""
+    """Copy a tile cache to node-local disk once (reused by every chunk of the job).
+
+    The copy is named by the digest of the cache's index and checksum table, so runs that
+    share a staging directory never read each other's pixels, and a rebuilt cache is staged
+    afresh; a new copy is checked before it is renamed into place."""
     import os
     import shutil
     from pathlib import Path
+
+    from ..survey.cache import CacheIntegrityError, TileCache, read_index
 
     if not staging_dir:
         return str(path)
     staging = Path(os.path.expandvars(staging_dir)).expanduser()
     staging.mkdir(parents=True, exist_ok=True)
     src = Path(path)
-    dst = staging / f"{src.parent.name}_{src.name}"
-    if not dst.exists() or dst.stat().st_size != src.stat().st_size or dst.stat().st_mtime < src.stat().st_mtime:
-        tmp = dst.with_name(f"{dst.name}.{os.getpid()}.part")  # jobs on one node may stage at once
+    digest = read_index(src)["digest"]
+    dst = staging / f"{src.stem}-{digest[:32]}.tiles"
+    if _is_copy_of(dst, src, digest):
+        return str(dst)  # its tiles are checked against their checksums when it is opened
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.part")  # jobs on one node may stage at once
+    try:
         shutil.copyfile(src, tmp)
+        try:
+            TileCache.open(tmp)  # a short or damaged copy is refused here, not after the rename
+        except CacheIntegrityError as err:
+            TileCache.open(src)  # a damaged cache is reported as itself
+            raise CacheIntegrityError(f"staging {src} to {staging} gave a damaged copy ({err})") from None
         os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     return str(dst)

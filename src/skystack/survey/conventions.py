@@ -362,6 +362,29 @@ def _good(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def header_number(hdr, key: str) -> float | None:
+    """The header value of ``key`` as a float (inf allowed), None when absent or blank; a
+    ConventionError naming the keyword and value when it is not a number (text, NaN)."""
+    value = _value(hdr, key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    v = _float(value, key)
+    if math.isnan(v) or isinstance(value, bool):
+        raise ConventionError(f"{key} = {value!r} is not a number")
+    return v
+
+
+def _not_a_number(hdr, key: str) -> str | None:
+    """'KEY = value' when ``key`` is present with a value that is not a number, else None."""
+    if not key:
+        return None
+    try:
+        header_number(hdr, key)
+    except ConventionError as err:
+        return str(err).removesuffix(" is not a number")
+    return None
+
+
 def _finite_number(hdr, key: str) -> float | None:
     """The header value of ``key`` as a finite number, or None (absent, not a number, NaN, inf):
     a rule whose keyword says nothing usable gives way to the next rule."""
@@ -376,14 +399,19 @@ def _finite_number(hdr, key: str) -> float | None:
 
 
 def read_zeropoint(hdr, conv, exptime: float | None) -> tuple[float, str]:
-    """(AB zero point of the pixel values, how) or (NaN, '') when the header has none."""
+    """(AB zero point of the pixel values, how) or (NaN, '') when the header has none.
+
+    A zero-point keyword whose value is not a number ('n/a') is a ConventionError naming it,
+    unless a later rule gives a zero point: a NaN zero point is for a header that has none."""
     per_s = per_second_pixels(hdr, conv)
+    garbled = []
     for rule in conv.get("zeropoint") or []:
         kind = rule.get("kind", "mag")
         if kind == "constant":
             return float(rule["value"]), f"constant {rule['value']} ({conv['name']} calibrated pixels)"
         v = _finite_number(hdr, rule.get("key", ""))
         if v is None:
+            garbled += [t for t in [_not_a_number(hdr, rule.get("key", ""))] if t]
             continue
         if kind == "fluxmag0":
             if v <= 0:
@@ -400,14 +428,17 @@ def read_zeropoint(hdr, conv, exptime: float | None) -> tuple[float, str]:
                 continue
             return v, rule["key"]
         raise ValueError(f"convention {conv['name']!r}: unknown zeropoint kind {kind!r}")
+    if garbled:
+        raise ConventionError(f"zero point: {'; '.join(garbled)} is not a number")
     return float("nan"), ""
 
 
 def read_gain(hdr, conv, exptime: float | None) -> tuple[float, str]:
     """(electrons per pixel unit, how); 1.0 when the header has no gain.
 
-    Per-second pixels (``pixel_unit``) have gain x EXPTIME electrons per unit."""
-    gain, how = None, ""
+    Per-second pixels (``pixel_unit``) have gain x EXPTIME electrons per unit. A gain keyword
+    whose value is not a number is a ConventionError naming it, unless another rule gives one."""
+    gain, how, garbled = None, "", []
     for rule in conv.get("gain") or []:
         if isinstance(rule, dict):
             keys = rule.get("mean") or []
@@ -428,11 +459,14 @@ def read_gain(hdr, conv, exptime: float | None) -> tuple[float, str]:
             continue
         try:
             v = _float(v, rule)
-        except ConventionError:
+        except ConventionError as err:
+            garbled.append(str(err).removesuffix(" is not a number"))
             continue
         if math.isfinite(v) and v > 0:
             gain, how = v, rule
             break
+    if gain is None and garbled:
+        raise ConventionError(f"gain: {'; '.join(garbled)} is not a number")
     if gain is None:
         return 1.0, "none in the header (1.0 assumed)"
     if per_second_pixels(hdr, conv) and exptime and exptime > 0:

@@ -131,14 +131,54 @@ def list_image_hdus(path) -> list[ImageHDURef]:
     return refs
 
 
+#: Numeric WCS cards: reference value/pixel, increments, rotation, CD/PC matrix (also the
+#: old PC001001 form), projection parameters and SIP coefficients.
+WCS_NUMBER_CARD = re.compile(r"^(?:(?:CRVAL|CRPIX|CDELT|CROTA)\d+[A-Z]?|(?:CD|PC|PV)\d+_\d+[A-Z]?|(?:PC|CD)\d{6}"
+                             r"|(?:A|B|AP|BP)_\d+_\d+)$")
+#: wcslib's words for a card it could not parse and dropped (it then uses a default: CRVAL 0,
+#: PC 1, CDELT 1 deg, silently wrong positions).
+WCSLIB_DROPPED = re.compile(r"value was expected|a record was expected|invalid keyvalue|invalid record|invalid PROJPn")
+
+
+def bad_wcs_cards(hdr) -> list[str]:
+    """The numeric WCS cards of a header whose value is unparseable, not a number, or not
+    finite, each as its card text (``CRVAL1 = NAN``)."""
+    bad = []
+    for card in hdr.cards:
+        if not WCS_NUMBER_CARD.match(card.keyword):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # astropy's VerifyWarning for the same card
+                value = card.value
+        except fits.VerifyError:
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            text = repr(value.strip()) if isinstance(value, str) else repr(value)
+            bad.append(" ".join(card.image.split("/")[0].split()) if value is None else f"{card.keyword} = {text}")
+    return bad
+
+
 def celestial_wcs(hdr, path, hdu) -> WCS:
     """The celestial WCS of a header, or a BadImageError saying what is wrong."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
+    bad = bad_wcs_cards(hdr)
+    if bad:
+        raise BadImageError(path, hdu, f"unusable WCS card(s) {'; '.join(bad)} (not a finite number)",
+                            kind="unusable WCS card")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FITSFixedWarning)
         try:
             wcs = WCS(hdr, naxis=2, relax=True)
         except Exception as err:
             raise BadImageError(path, hdu, f"unreadable WCS ({err})") from err
+    dropped = [" ".join(str(w.message).split()) for w in caught
+               if issubclass(w.category, FITSFixedWarning) and WCSLIB_DROPPED.search(str(w.message))]
+    for w in caught:  # only astropy.wcs's own notes are judged here; pass the others on
+        if not issubclass(w.category, FITSFixedWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if dropped:
+        raise BadImageError(path, hdu, f"unusable WCS card(s): astropy.wcs dropped {'; '.join(dropped)}",
+                            kind="unusable WCS card")
     if not wcs.has_celestial or wcs.wcs.ctype[0] == "":
         raise BadImageError(path, hdu, "no celestial WCS (CTYPE1/2 RA---TAN/DEC--TAN or similar)")
     cd = wcs.pixel_scale_matrix
@@ -171,14 +211,25 @@ def is_difference_image(hdr, path) -> bool:
     return any(marker in name for marker in DIFFERENCE_NAME_MARKERS)
 
 
+def _integer(hdr, key):
+    """A header value as an int, or None when absent or not an integer (a name such as LSST's
+    CCDID = 'R22_S00_C00' is no detector number)."""
+    value = hdr.get(key)
+    try:
+        return int(str(value).strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def detector_id(hdr, hdu: int) -> int:
     """Detector number within the exposure: ZTF's quadrant id (``RCID``, or
     ``4 (CCDID - 1) + QID - 1`` from the 1-based CCD and quadrant numbers), a plain
     ``CCDID`` where there are no quadrants, else the HDU number."""
-    if "RCID" in hdr:
-        return int(hdr["RCID"])
-    if "CCDID" in hdr and "QID" in hdr:
-        return 4 * (int(hdr["CCDID"]) - 1) + int(hdr["QID"]) - 1
-    if "CCDID" in hdr:
-        return int(hdr["CCDID"])
+    rcid, ccdid, qid = (_integer(hdr, k) for k in ("RCID", "CCDID", "QID"))
+    if rcid is not None:
+        return rcid
+    if ccdid is not None and qid is not None:
+        return 4 * (ccdid - 1) + qid - 1
+    if ccdid is not None:
+        return ccdid
     return int(hdu)

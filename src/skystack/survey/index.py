@@ -13,8 +13,10 @@ nanomaggy), while time and site stay required here because the search needs them
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import logging
 import os
 import warnings
 from collections import Counter
@@ -43,6 +45,8 @@ from .headers import (
 from .pixels import bad_from_aux, clipped_stats, format_aux_files, psf_sigma_from_image
 from .psf import estimate_psf
 from .sites import SiteError, lookup_site, plain, resolve_site, site_table
+
+log = logging.getLogger(__name__)
 
 
 def expand_paths(patterns) -> list[str]:
@@ -150,7 +154,8 @@ def header_values(hdr, path, hdu, conv, ctx: IndexContext, wcs_hdr=None) -> tupl
     try:
         time, how = cv.mid_exposure_time(hdr, conv, location)
     except cv.ConventionError as err:
-        problems.append(str(err))
+        if not any(str(err) in p for p in problems):  # an unreadable EXPTIME is reported once
+            problems.append(str(err))
     else:
         jd_tdb = float(time.tdb.jd1 + time.tdb.jd2)
         if not DE421_JD_TDB[0] <= jd_tdb <= DE421_JD_TDB[1]:
@@ -179,8 +184,11 @@ def read_header(path, hdu: int | None = None, *, site=None, sites=None, conventi
     reason = cv.refusal(conv, hdr)
     if reason:
         problems.insert(0, reason)
-    zp, zp_how = _zeropoint(hdr, path, hdu, conv, ctx, vals.get("exptime"))
-    gain, gain_how = cv.read_gain(hdr, conv, vals.get("exptime"))
+    try:
+        zp, zp_how, gain, gain_how = _calibration(hdr, path, hdu, conv, ctx, vals.get("exptime"))
+    except cv.ConventionError as err:
+        problems.append(str(err))
+        zp, zp_how, gain, gain_how = float("nan"), "", float("nan"), ""
     psf = cv.psf_fwhm_px(hdr, conv, pixel_scale_arcsec(vals["wcs"])) if "wcs" in vals else None
     return {"convention": conv["name"], "band": vals.get("band"),
             "mjd_mid_utc": float(vals["time"].utc.mjd) if "time" in vals else None,
@@ -198,6 +206,47 @@ def _zeropoint(hdr, path, hdu, conv, ctx, exptime):
             if np.isfinite(zp):
                 return zp, how
     return cv.read_zeropoint(hdr, conv, exptime)
+
+
+def _calibration(hdr, path, hdu, conv, ctx, exptime):
+    """(magzp, how, gain, how); a ConventionError for a keyword that is not a number."""
+    magzp, zp_how = _zeropoint(hdr, path, hdu, conv, ctx, exptime)
+    gain, gain_how = cv.read_gain(hdr, conv, exptime)
+    return magzp, zp_how, gain, gain_how
+
+
+def _saturation_level(hdr, path, hdu, per_s: bool, exptime) -> tuple[float, str]:
+    """(saturation level in pixel units, inf when there is no SATURATE; provenance note)."""
+    try:
+        saturate = cv.header_number(hdr, "SATURATE")
+    except cv.ConventionError as err:
+        raise BadImageError(path, hdu, f"saturation level: {err}") from None
+    if saturate is None:
+        return np.inf, ""
+    if per_s and np.isfinite(saturate) and exptime:
+        return saturate / exptime, " (SATURATE / EXPTIME)"
+    return saturate, ""
+
+
+def _check_saturation(path, hdu, data, saturate, sat_note) -> None:
+    """Refuse an image whose SATURATE marks most finite pixels saturated: a wrong level (the
+    pixels left would give a biased sky and noise), as an all-bad image is refused."""
+    finite = np.isfinite(data)
+    n_sat = int((finite & (data >= saturate)).sum())
+    if n_sat > 0.5 * finite.sum():
+        raise BadImageError(path, hdu, f"saturation level: SATURATE = {saturate:g}{sat_note} marks {n_sat} of "
+                            f"{int(finite.sum())} finite pixels saturated (more than half; median pixel "
+                            f"{float(np.median(data[finite])):g}): fix or remove SATURATE",
+                            kind="SATURATE masks most pixels")
+
+
+def _warn_mostly_masked(path, hdu, aux_bad, aux) -> None:
+    """Warn (not refuse: a half-vignetted detector is still usable) when the mask/weight marks
+    most pixels bad, which may also be a wrong mask_bits."""
+    if aux_bad is not None and aux_bad.sum() > 0.5 * aux_bad.size:
+        kinds = ", ".join(k for k in aux if k in ("MASK", "WEIGHT", "INVVAR", "VARIANCE"))
+        log.warning("%s [HDU %s]: the %s marks %d of %d pixels bad (more than half)", path, hdu, kinds,
+                    int(aux_bad.sum()), aux_bad.size)
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -279,7 +328,9 @@ def _describe_hdu(ref: ImageHDURef, ctx, siblings: dict | None = None) -> dict:
                 try:
                     aux_bad = bad_from_aux(hdul, aux, data.shape)
                 except ValueError as err:
-                    raise BadImageError(path, hdu, f"auxiliary data: {err} ({format_aux_files(aux_files) or 'extension'})") from err
+                    where = format_aux_files(aux_files) or ", ".join(
+                        f"{k} extension HDU {v}" for k, v in aux.items() if k != "MASK_BITS" and not isinstance(v, tuple))
+                    raise BadImageError(path, hdu, f"auxiliary data: {err} ({where})") from err
                 variance = None
                 for kind in ("VARIANCE", "INVVAR", "WEIGHT"):
                     if kind not in aux:
@@ -307,11 +358,13 @@ def _describe_hdu(ref: ImageHDURef, ctx, siblings: dict | None = None) -> dict:
     if problems:
         raise BadImageError(path, hdu, "; ".join(problems), kind=problem_kind(problems[0]))
     wcs, site, time, jd_tdb, exptime = vals["wcs"], vals["site"], vals["time"], vals["jd_tdb"], vals["exptime"]
+    try:
+        magzp, zp_how, gain, gain_how = _calibration(hdr, path, hdu, conv, ctx, exptime)
+    except cv.ConventionError as err:
+        raise BadImageError(path, hdu, str(err)) from None
     per_s = cv.per_second_pixels(hdr, conv)
-    saturate = float(hdr.get("SATURATE", np.inf))
-    sat_note = ""
-    if per_s and np.isfinite(saturate) and exptime:
-        saturate, sat_note = saturate / exptime, " (SATURATE / EXPTIME)"
+    saturate, sat_note = _saturation_level(hdr, path, hdu, per_s, exptime)
+    _check_saturation(path, hdu, data, saturate, sat_note)
     bad = ~np.isfinite(data) | (data >= saturate)
     if aux_bad is not None:
         bad |= aux_bad
@@ -321,6 +374,7 @@ def _describe_hdu(ref: ImageHDURef, ctx, siblings: dict | None = None) -> dict:
                             f"not finite, {n_aux} bad in the mask/weight "
                             f"{'(bits ' + hex(bits) + ') ' if bits not in (-1, 0) else ''}of {data.size}, "
                             f"{int((data >= saturate).sum())} saturated)")
+    _warn_mostly_masked(path, hdu, aux_bad, aux)
     good = np.where(bad, np.nan, data)
     sky_level, noise_sigma = clipped_stats(good)
     if variance is not None:
@@ -357,8 +411,6 @@ def _describe_hdu(ref: ImageHDURef, ctx, siblings: dict | None = None) -> dict:
         raise BadImageError(path, hdu, f"noise estimate is {noise_sigma} (must be positive): constant image or bad variance map")
     if not (np.isfinite(psf_sigma_px) and psf_sigma_px > 0):
         raise BadImageError(path, hdu, f"PSF width is {psf_sigma_px} px (must be positive)")
-    magzp, zp_how = _zeropoint(hdr, path, hdu, conv, ctx, exptime)
-    gain, gain_how = cv.read_gain(hdr, conv, exptime)
     if gain_how.startswith("none") and "gain" in calib:
         gain, gain_how = calib["gain"], calib["gain_how"]
     corners = wcs.all_pix2world(np.array([[0, 0], [nx - 1, 0], [nx - 1, ny - 1], [0, ny - 1]], float), 0)
@@ -371,7 +423,7 @@ def _describe_hdu(ref: ImageHDURef, ctx, siblings: dict | None = None) -> dict:
         f"magzp={zp_how or 'none (NaN: stages needing photometry refuse it)'}", f"gain={gain_how}",
         f"psf={psf_how}", *([f"saturate=SATURATE{sat_note}"] if sat_note else []),
         *([f"pixels per second (pixel_unit {conv.get('pixel_unit')}, BUNIT {hdr.get('BUNIT')!r})"] if per_s else [])])
-    return {
+    rec = {
         "path": str(path),
         "hdu": hdu,
         "_expid": cv.first_int(hdr, conv.get("expid")),
@@ -406,15 +458,22 @@ def _describe_hdu(ref: ImageHDURef, ctx, siblings: dict | None = None) -> dict:
         "psf_source": psf_source,
         "n_psf_stars": int(n_psf_stars),
         "provenance": provenance,
-        "_content": _content_hash(data, hdr),
     }
+    rec["_content"] = _content_hash(data, rec)
+    return rec
 
 
-def _content_hash(data: np.ndarray, hdr) -> str:
-    """Same pixels and same time/filter/WCS keywords: the same image, whatever the file name."""
+#: What makes two images the same observation besides their pixels: time, site and
+#: calibration as the index read them (not header text: EXPTIME moves the mid-exposure time).
+SAME_IMAGE_COLUMNS = ("mjd_mid_utc", "exptime_s", "site_lat_deg", "site_lon_deg", "site_height_m", "band", "magzp",
+                      "gain", "saturate", "is_difference", "wcs_header")
+
+
+def _content_hash(data: np.ndarray, rec: dict) -> str:
+    """Same pixels, time, site, band, calibration and WCS: the same image, whatever the file name."""
     h = hashlib.sha1(np.ascontiguousarray(data).tobytes())
-    for key in ("MJD-OBS", "DATE-OBS", "MJD-AVG", "OBSMJD", "FILTER", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2"):
-        h.update(f"{key}={hdr.get(key)}".encode())
+    for key in SAME_IMAGE_COLUMNS:
+        h.update(f"|{key}={rec[key]!r}".encode())
     return h.hexdigest()
 
 
@@ -538,6 +597,9 @@ def index_survey(paths, site=None, on_bad_image: str = "error", progress=None, *
             except BadImageError as err:
                 refuse(path, ref.hdu, err)
                 continue
+            except fits.VerifyError as err:  # a card the index reads that astropy cannot parse
+                refuse(path, ref.hdu, _unparseable_card(path, ref.hdu, err))
+                continue
             first = seen.setdefault(rec["_content"], (path, ref.hdu))
             if first != (path, ref.hdu):
                 rejected.append((path, ref.hdu, f"duplicate of {first[0]} [HDU {first[1]}]", "duplicate"))
@@ -560,6 +622,17 @@ def index_survey(paths, site=None, on_bad_image: str = "error", progress=None, *
         raise NoUsableImageError(f"no usable image among {len(files)} file(s)"
                                  + (f": {reason_counts(rejected_df)}" if rejected else "") + first, rejected_df)
     return _finish_index(pd.DataFrame.from_records(records)), rejected_df
+
+
+def _unparseable_card(path, hdu: int, err: Exception) -> BadImageError:
+    """A rejection naming the card of astropy's 'Unparsable card (KEY)' and its text."""
+    import re
+
+    match = re.search(r"card \((.+?)\)", str(err))
+    text = match.group(1) if match else "?"
+    with contextlib.suppress(Exception), fits.open(path, memmap=False) as hdul:  # else the keyword alone
+        text = " ".join(cv.merged_header(hdul, hdu).cards[text].image.split("/")[0].split())
+    return BadImageError(path, hdu, f"unparseable header card {text} ({err})", kind="unparseable header card")
 
 
 def _aux_paths(text) -> list[str]:

@@ -55,25 +55,25 @@ def bad_from_aux(hdul, aux: dict | None, shape) -> np.ndarray | None:
         return None
     bad = None
 
-    def add(b):
+    def add(kind, b):
         nonlocal bad
         if b.shape != tuple(shape):
-            raise ValueError(f"auxiliary image shape {b.shape} does not match the image {tuple(shape)}")
+            raise ValueError(f"{kind} image shape {b.shape} does not match the image {tuple(shape)}")
         bad = b if bad is None else (bad | b)
 
     if "MASK" in aux:
         mask = _aux_data(hdul, aux["MASK"], None)
         bits = int(aux.get("MASK_BITS", -1))
-        add((mask != 0) if bits == -1 else ((mask.astype(np.int64) & bits) != 0))
+        add("MASK", (mask != 0) if bits == -1 else ((mask.astype(np.int64) & bits) != 0))
     for key in ("WEIGHT", "INVVAR"):
         if key in aux:
             w = _aux_data(hdul, aux[key], None).astype(np.float64)
-            add(~(np.isfinite(w) & (w > 0)))
+            add(key, ~(np.isfinite(w) & (w > 0)))
             break
     else:
         if "VARIANCE" in aux:
             v = _aux_data(hdul, aux["VARIANCE"], None).astype(np.float64)
-            add(~(np.isfinite(v) & (v > 0)))
+            add("VARIANCE", ~(np.isfinite(v) & (v > 0)))
     return bad
 
 

@@ -200,6 +200,18 @@ def _get(hdr, key):
         return None
 
 
+def _site_number(hdr, key: str, low: float = -math.inf, high: float = math.inf, what: str = "a number") -> float:
+    """A site keyword's value as a finite float in [low, high], or a SiteError naming it."""
+    value = hdr[key]
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (math.isfinite(number) and low <= number <= high):
+        raise SiteError(f"site: {key} = {value!r} is not {what}")
+    return number
+
+
 def header_site_reading(hdr) -> dict | None:
     """The first complete site reading of a header, uninterpreted where it is ambiguous.
 
@@ -213,10 +225,7 @@ def header_site_reading(hdr) -> dict | None:
         import astropy.units as u
         from astropy.coordinates import EarthLocation
 
-        try:
-            xyz = [float(hdr[k]) for k in ("OBSGEO-X", "OBSGEO-Y", "OBSGEO-Z")]
-        except (TypeError, ValueError) as err:
-            raise SiteError(f"site: unreadable OBSGEO-X/Y/Z ({err})") from err
+        xyz = [_site_number(hdr, k) for k in ("OBSGEO-X", "OBSGEO-Y", "OBSGEO-Z")]
         r_km = math.hypot(*xyz) / 1e3
         if not 6340.0 < r_km < 6400.0:
             raise SiteError(f"site: OBSGEO-X/Y/Z is {r_km:.4g} km from the geocentre: a spacecraft position, "
@@ -225,11 +234,11 @@ def header_site_reading(hdr) -> dict | None:
         return {"keys": "OBSGEO-X/Y/Z", "lat_deg": float(geo.lat.deg), "lon_value": float(geo.lon.deg),
                 "height_m": float(geo.height.to_value(u.m)), "exact": True, "comment": "", "text": ""}
     if all(_get(hdr, k) is not None for k in ("OBSGEO-L", "OBSGEO-B", "OBSGEO-H")):
-        try:
-            return {"keys": "OBSGEO-L/B/H", "lat_deg": float(hdr["OBSGEO-B"]), "lon_value": float(hdr["OBSGEO-L"]),
-                    "height_m": float(hdr["OBSGEO-H"]), "exact": True, "comment": "", "text": ""}
-        except (TypeError, ValueError) as err:
-            raise SiteError(f"site: unreadable OBSGEO-L/B/H ({err})") from err
+        lat = _site_number(hdr, "OBSGEO-B", -90.0, 90.0, "a latitude (-90 to 90 deg)")
+        lon = _site_number(hdr, "OBSGEO-L", -360.0, 360.0, "a longitude (-360 to 360 deg)")
+        height = _site_number(hdr, "OBSGEO-H", -500.0, 9000.0, "the height of a ground observatory (-500 to 9000 m)")
+        return {"keys": "OBSGEO-L/B/H", "lat_deg": lat, "lon_value": lon, "height_m": height, "exact": True,
+                "comment": "", "text": ""}
     for label, klat, klon, kheights in SITE_KEYWORDS:
         lat_raw, lon_raw = _get(hdr, klat), _get(hdr, klon)
         if lat_raw is None or lon_raw is None:
