@@ -158,3 +158,32 @@ def test_bad_file_in_the_workflow(tiny_run, tmp_path, policy):
         assert len(pd.read_parquet(index)) == 8
         rejected = pd.read_parquet(tmp_path / "results" / "files" / "rejected_images.parquet")
         assert rejected["path"].str.endswith("zz_truncated.fits.fz").tolist() == [True]
+
+
+def test_catalog_stages_on_a_survey_without_science_images(tiny_run, tmp_path):
+    """A survey of difference images with the catalog left enabled: every catalog stage gives an
+    empty table (with its columns), never a crash."""
+    import logging
+
+    from skystack.catalog.stage import detect_stage, fit_region_stage, merge_catalog_stage, plan_regions_stage
+    from skystack.search.stage import star_mask_stage
+
+    images = pd.read_parquet(tiny_run / "results" / "tiny" / "images.parquet")
+    images["path"] = [str(tiny_run / p) for p in images["path"]]
+    index = tmp_path / "images.parquet"
+    images[images["is_difference"]].to_parquet(index)
+    log = logging.getLogger("test")
+    cands = detect_stage(index, tmp_path / "candidates.parquet", source="detect", thresh_sigma=3.0,
+                         match_radius_arcsec=1.5, log=log)
+    assert len(cands) == 0 and {"ra", "dec", "flux_r_nmgy"} <= set(cands.columns)
+    plan = plan_regions_stage(tmp_path / "candidates.parquet", tmp_path / "regions.parquet", tmp_path / "plan.json",
+                              max_sources_per_region=64, log=log)
+    assert plan["n_regions"] == 1
+    region = fit_region_stage(tmp_path / "regions.parquet", index, 0, tmp_path / "region_0.parquet", margin_arcsec=15.0,
+                              patch_px=15, tol=1e-5, max_iter=50, max_images=None, log=log)
+    assert len(region) == 0 and {"ra", "dec", "p_star"} <= set(region.columns)
+    cat = merge_catalog_stage([tmp_path / "region_0.parquet"], tmp_path / "catalog.parquet", tmp_path / "catalog.fits",
+                              tmp_path / "catalog.png", log=log)
+    assert len(cat) == 0 and (tmp_path / "catalog.fits").exists()
+    star_mask_stage(tmp_path / "catalog.parquet", tmp_path / "stars.parquet", mag_limit=16.0, log=log)
+    assert len(pd.read_parquet(tmp_path / "stars.parquet")) == 0

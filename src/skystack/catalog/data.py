@@ -21,6 +21,9 @@ from .psf import PsfMixture, fit_psf_image, gaussian_psf
 
 PsfSpec = Union[float, np.ndarray, Callable]
 
+#: Spacing (px) of the nodes at which a space-variant PSF is fitted (``ImageData.psf_at``).
+PSF_GRID_PX = 128
+
 
 @dataclass(eq=False)
 class ImageData:
@@ -42,10 +45,15 @@ class ImageData:
     sky_subtracted : the sky (or static sky, for difference images) was removed; the pixel
         likelihood is then Gaussian with ``noise_var``
     image_id : caller's identifier
-    psf_components : mixture size for fitted pixelised PSFs
+    psf_components : mixture size for fitted pixelised PSFs (None: chosen by the fit's residual,
+        ``psf.fit_psf_mixture``)
     saturated : optional (ny, nx) bool map of pixels at or above the saturation level (they are
         NaN in ``pixels``); detection merges the pieces of a source that the masked region
         holding them (core, bleed trail) cuts apart (``detect.extract_image``)
+    read_noise_var : read-noise variance (ADU^2) added to the Poisson likelihood of images that
+        hold their sky
+    noise_includes_sources : ``noise_var`` already holds the sources' shot noise (variance
+        planes of LSST/HSC and Pan-STARRS); otherwise the Gaussian likelihood adds it at 1/gain
     """
 
     pixels: np.ndarray
@@ -58,23 +66,41 @@ class ImageData:
     noise_var: float | np.ndarray | None = None
     sky_subtracted: bool = False
     image_id: int = 0
-    psf_components: int = 2
+    psf_components: int | None = None
     saturated: np.ndarray | None = None
+    read_noise_var: float = 0.0
+    noise_includes_sources: bool = False
     _psf_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.pixels = np.asarray(self.pixels, dtype=np.float32)
 
     @classmethod
-    def from_index_row(cls, row, pixels, psf_image=None, **kw) -> "ImageData":
-        """Build from a row of the images table (``skystack.core.io.IMAGES``) and its pixels."""
+    def from_index_row(cls, row, pixels, psf_image=None, variance=None, variance_includes_sources: bool = False,
+                       **kw) -> "ImageData":
+        """Build from a row of the images table (``skystack.core.io.IMAGES``) and its pixels.
+
+        The likelihood follows what the pixels hold. An image whose measured noise is what its
+        sky and gain predict (``sky / gain`` within a factor 2 of ``noise_sigma^2``, the rest
+        being read noise) keeps its sky and gets the Poisson likelihood with that read noise.
+        Any other (difference images, sky-subtracted pipeline products, unknown gains) is
+        made sky-free by subtracting the indexed sky level and gets the Gaussian likelihood
+        with ``variance`` (a per-pixel map, ADU^2, e.g. from a weight map) or the measured noise.
+        """
         diff = bool(row.get("is_difference", False))
-        return cls(pixels=pixels, band=str(row["band"]), magzp=float(row["magzp"]),
-                   wcs_header=row["wcs_header"],
-                   psf=psf_image if psf_image is not None else float(row["psf_sigma_px"]),
-                   sky_level=0.0 if diff else float(row["sky_level"]), gain=float(row["gain"]),
-                   noise_var=float(row["noise_sigma"]) ** 2, sky_subtracted=diff,
-                   image_id=int(row.get("image_id", 0)), **kw)
+        sky, noise2, gain = float(row["sky_level"]), float(row["noise_sigma"]) ** 2, float(row["gain"])
+        common = dict(band=str(row["band"]), magzp=float(row["magzp"]), wcs_header=row["wcs_header"],
+                      psf=psf_image if psf_image is not None else float(row["psf_sigma_px"]), gain=gain,
+                      image_id=int(row.get("image_id", 0)))
+        poisson_like = (not diff and sky > 0 and gain > 0 and np.isfinite(noise2)
+                        and 0.5 * noise2 <= sky / gain <= 2.0 * noise2)
+        if poisson_like:
+            return cls(pixels=pixels, sky_level=sky, read_noise_var=max(noise2 - sky / gain, 0.0), **common, **kw)
+        sky_free = pixels if diff or not np.isfinite(sky) else pixels - np.float32(sky)
+        return cls(pixels=sky_free, sky_level=0.0, sky_subtracted=True,
+                   noise_var=noise2 if variance is None else variance,
+                   noise_includes_sources=variance is not None and variance_includes_sources,
+                   **common, **kw)
 
     @property
     def shape(self):
@@ -102,7 +128,10 @@ class ImageData:
     def variance_map(self) -> np.ndarray:
         """Pixel noise variance (ADU^2) for the Gaussian likelihood."""
         if self.noise_var is not None:
-            return np.broadcast_to(np.asarray(self.noise_var, np.float32), self.shape)
+            var = np.asarray(self.noise_var, np.float32)
+            if var.ndim and not np.isfinite(var).all():  # bad pixels of a weight map: NaN in pixels too
+                var = np.where(np.isfinite(var), var, np.nanmedian(var)).astype(np.float32)
+            return np.broadcast_to(var, self.shape)
         if np.any(np.asarray(self.sky_level) > 0):
             return np.broadcast_to(np.asarray(self.sky_level, np.float32) / self.gain, self.shape)
         finite = self.pixels[np.isfinite(self.pixels)]
@@ -110,17 +139,22 @@ class ImageData:
         return np.full(self.shape, (MAD_TO_SIGMA * mad) ** 2, np.float32)
 
     def psf_at(self, x_px: float, y_px: float) -> PsfMixture:
-        """The PSF mixture at a pixel position (cached for a constant PSF)."""
-        spec = self.psf(x_px, y_px) if callable(self.psf) else self.psf
-        key = None if callable(self.psf) else "const"
+        """The PSF mixture at a pixel position: one for a constant PSF; for a space-variant one, the
+        PSF at the centre of the position's ``PSF_GRID_PX`` cell (a PSF varies over hundreds of
+        pixels, and each mixture fit costs a fraction of a second)."""
+        if callable(self.psf):
+            key = node = (int(np.floor(x_px / PSF_GRID_PX)), int(np.floor(y_px / PSF_GRID_PX)))
+            if key not in self._psf_cache:
+                spec = self.psf((node[0] + 0.5) * PSF_GRID_PX, (node[1] + 0.5) * PSF_GRID_PX)
+        else:
+            key, spec = "const", self.psf
         if key in self._psf_cache:
             return self._psf_cache[key]
         if np.ndim(spec) == 0:
             mix = gaussian_psf(float(spec))
         else:
             mix = fit_psf_image(np.asarray(spec), self.psf_components)
-        if key is not None:
-            self._psf_cache[key] = mix
+        self._psf_cache[key] = mix
         return mix
 
     def psf_sigma_px(self) -> float:

@@ -157,20 +157,26 @@ def unit_profile(x, geom, layout: Layout, size_px: int):
     return geom["counts_per_nmgy"] * model.gaussian_mixture_on_grid(amp, mean, cov, dx, dy)
 
 
-def expected_pixel_loglik(data, weight, bg, var, gain, poisson, mean_model, var_model):
+def expected_pixel_loglik(data, weight, bg, var, gain, poisson, mean_model, var_model, read_e2=0.0,
+                          source_var_per_adu=0.0):
     """Sum over a patch of E_q[ln p(pixel)] (delta method for the Poisson log-rate).
 
-    ``data``, ``bg``, ``mean_model`` in ADU, ``var`` and ``var_model`` in ADU^2.
+    ``data``, ``bg``, ``mean_model`` in ADU, ``var`` and ``var_model`` in ADU^2. Poisson
+    images add the read noise (``read_e2``, electrons^2) to counts and rate alike, the usual
+    shifted-Poisson approximation; Gaussian images add the sources' own shot noise,
+    ``source_var_per_adu`` (1/gain, or 0 where ``var`` already holds it) per ADU of
+    ``bg + mean_model`` (``bg`` is then other sources only).
     """
     # Poisson in electrons.
-    x_e = jnp.maximum(gain * data, 0.0)
-    rate = gain * (bg + mean_model)
+    x_e = jnp.maximum(gain * data + read_e2, 0.0)
+    rate = gain * (bg + mean_model) + read_e2
     rate = jnp.maximum(rate, 1e-6)
     rate_var = gain * gain * var_model
     ll_p = x_e * (jnp.log(rate) - rate_var / (2.0 * rate * rate)) - rate - gammaln(x_e + 1.0)
-    # Gaussian with a known variance.
+    # Gaussian with a known variance (plus the model's shot noise at its mean).
     resid = data - bg - mean_model
-    ll_g = -0.5 * (resid * resid + var_model) / var - 0.5 * (jnp.log(var) + LN_2PI)
+    total_var = var + source_var_per_adu * jnp.maximum(bg + mean_model, 0.0)
+    ll_g = -0.5 * (resid * resid + var_model) / total_var - 0.5 * (jnp.log(total_var) + LN_2PI)
     ll = jnp.where(poisson, ll_p, ll_g)
     return jnp.sum(jnp.where(weight > 0, weight * ll, 0.0))
 
@@ -207,7 +213,8 @@ def elbo(x, patches, prior, layout: Layout, size_px: int):
     ``patches`` is a dict of arrays with a leading image axis N: geometry (``origin``,
     ``jac``, ``psf_amp``, ``psf_mean``, ``psf_cov``, ``counts_per_nmgy``), ``band`` (int),
     pixels ``data``, ``weight``, ``bg`` (sky plus other sources, ADU), ``var`` (ADU^2),
-    ``gain`` and ``poisson`` (bool).
+    ``gain``, ``poisson`` (bool), ``read_e2`` and ``source_var_per_adu`` (see
+    :func:`expected_pixel_loglik`).
     """
     import jax
 
@@ -219,7 +226,7 @@ def elbo(x, patches, prior, layout: Layout, size_px: int):
         g = unit_profile(x, p, layout, size_px)
         b = p["band"]
         return expected_pixel_loglik(p["data"], p["weight"], p["bg"], p["var"], p["gain"], p["poisson"],
-                                     flux_mean[b] * g, flux_var[b] * g * g)
+                                     flux_mean[b] * g, flux_var[b] * g * g, p["read_e2"], p["source_var_per_adu"])
 
     ll = jnp.sum(jax.vmap(one_image)(patches))
     return ll + log_prior_terms(x, prior, layout)

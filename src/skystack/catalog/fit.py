@@ -28,6 +28,9 @@ import numpy as np
 import pandas as pd
 
 from . import elbo as E
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from ..core.units import FWHM_PER_SIGMA
 from .data import ImageData, sky_to_pixel_jacobian
 from .optimize import minimize_batch
 from .priors import (
@@ -156,7 +159,8 @@ class _Scene:
                  counts_per_nmgy=np.ones((S, n_slot)), band=np.zeros((S, n_slot), np.int32),
                  data=np.zeros((S, n_slot, P, P)), weight=np.zeros((S, n_slot, P, P)),
                  bg=np.ones((S, n_slot, P, P)), var=np.ones((S, n_slot, P, P)),
-                 gain=np.ones((S, n_slot)), poisson=np.ones((S, n_slot), bool))
+                 gain=np.ones((S, n_slot)), poisson=np.ones((S, n_slot), bool), read_e2=np.zeros((S, n_slot)),
+                 source_var_per_adu=np.zeros((S, n_slot)))
         self.corner = np.zeros((S, n_slot, 2), int)
         self.n_images = np.array([len(m) for m in slots])
         padded = {}
@@ -185,6 +189,8 @@ class _Scene:
                 g["var"][i, j] = np.where(ok, _cut(var, pad, ix0, iy0, P), 1.0)
                 g["gain"][i, j] = im.gain
                 g["poisson"][i, j] = not im.sky_subtracted
+                g["read_e2"][i, j] = im.gain**2 * im.read_noise_var
+                g["source_var_per_adu"][i, j] = 0.0 if im.noise_includes_sources else 1.0 / im.gain
         self.sky = g["bg"].copy()
         self.arrays = g
         self._pairs(table, images)
@@ -241,12 +247,42 @@ class _Scene:
         w = self.arrays["weight"] > 0
         return np.where(w, bg + add, bg)
 
+    def mismatch_chi2(self, xs, xg, p_star, renderer) -> np.ndarray:
+        """Per fitted source, the mean of (residual / noise)^2 over its patches weighted by its
+        own expected counts over the noise variance: about 1 where the model describes the sky,
+        above where the PSF, the profile or a neighbour does not (the residual is then
+        systematic where the source's light is)."""
+        g = self.arrays
+        S, n_slot, P = len(self.fit_rows), self.n_slot, self.size
+        m = S * n_slot
+        m_pad = int(2 ** np.ceil(np.log2(max(m, 16))))
+        idx = np.r_[np.arange(m), np.zeros(m_pad - m, int)]
+        keys = ("origin", "jac", "psf_amp", "psf_mean", "psf_cov", "counts_per_nmgy")
+        geom = {k: jnp.asarray(g[k].reshape((m,) + g[k].shape[2:])[idx]) for k in keys}
+        src = np.repeat(self.fit_rows, n_slot)[idx]
+        own = np.asarray(renderer(jnp.asarray(xs[src]), jnp.asarray(xg[src]), jnp.asarray(p_star[src]), geom,
+                                  jnp.asarray(g["band"].reshape(m)[idx])))[:m].reshape(S, n_slot, P, P)
+        bg = self.background(xs, xg, p_star, renderer)
+        gain = g["gain"][..., None, None]
+        poisson = g["poisson"][..., None, None]
+        var_p = np.maximum(bg + own, 0.0) / gain + g["read_e2"][..., None, None] / gain**2
+        var_g = g["var"] + g["source_var_per_adu"][..., None, None] * np.maximum(bg + own, 0.0)
+        var = np.maximum(np.where(poisson, var_p, var_g), 1e-12)
+        resid = g["data"] - bg - own
+        w = g["weight"] * np.maximum(own, 0.0) / var
+        num = (w * resid**2 / var).sum(axis=(1, 2, 3))
+        den = w.sum(axis=(1, 2, 3))
+        return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+
 
 # ----------------------------------------------------------------------------- fitting
 def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size, vector_width, progress=None):
     """Batched TR-Newton fits of all fitted sources as one type; fixed chunk shapes."""
     fun = _negative_elbo(layout, scene.size)
     S = len(scene.fit_rows)
+    # A scene smaller than a batch gets the smallest power of two that holds it: padding costs
+    # as much as a source, and powers of two keep the number of compilations small.
+    batch_size = min(batch_size, max(8, 1 << max(S - 1, 0).bit_length()))
     out_x, out_f, out_h, out_it, out_conv = [], [], [], [], []
     prior_j = {k: jnp.asarray(v) for k, v in prior.items()}
     arrays = dict(scene.arrays, bg=bg)
@@ -320,10 +356,36 @@ def _mix(p, a, b):
     return mean, p * va + (1 - p) * vb + p * (1 - p) * (ma - mb) ** 2
 
 
+#: Patch sides the region's patch size is rounded up to (one compilation per size).
+PATCH_SIZES_PX = (15, 19, 23, 27, 31, 39, 47, 55, 63)
+#: Floor of the type probabilities: a mismatch between the model and the sky (PSF, profile,
+#: a neighbour) can make one type fit much better than the other without the sky's source
+#: being of that type, so no catalog entry is more certain than this.
+P_STAR_FLOOR = 1e-3
+
+
+def patch_sizes_px(images: list[ImageData], table: pd.DataFrame, min_px: int = 15) -> np.ndarray:
+    """Per source, the odd patch side (px) that holds it: 1.5 PSF FWHM plus 1.5 starting
+    half-light radii (0 for a star candidate) on each side of the centre, at the coarsest PSF
+    (px) and finest pixel scale among the images, rounded up to one of ``PATCH_SIZES_PX`` (one
+    compilation per size) and at least ``min_px``."""
+    fwhm_px = max(im.psf_sigma_px() for im in images) * FWHM_PER_SIGMA
+    scale = min(float(np.mean(proj_plane_pixel_scales(im.wcs))) * 3600.0 for im in images)
+    n = len(table)
+    radius = table["gal_radius_arcsec"].to_numpy(float) if "gal_radius_arcsec" in table else np.zeros(n)
+    if "is_star" in table:
+        radius = np.where(table["is_star"].to_numpy(bool), 0.0, radius)
+    r_px = np.nan_to_num(radius, nan=0.0) / scale
+    side = np.maximum(2 * np.ceil(1.5 * fwhm_px + 1.5 * r_px).astype(int) + 1, min_px)
+    buckets = np.array(PATCH_SIZES_PX + (max(PATCH_SIZES_PX[-1], min_px + (min_px + 1) % 2),))
+    return buckets[np.searchsorted(buckets, np.minimum(side, buckets[-1]))]
+
+
 def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: list[ImageData],
                priors: dict | None = None, *, tol: float = 1e-5, max_iter: int = 50, n_passes: int = 3,
-               patch_px: int = 15, batch_size: int = 64, vector_width: int | None = None,
-               max_images: int | None = None, region: int = -1, progress=None) -> pd.DataFrame:
+               patch_px: int | None = 15, batch_size: int = 64, vector_width: int | None = None,
+               max_images: int | None = None, region: int = -1, progress=None,
+               halo: pd.DataFrame | None = None) -> pd.DataFrame:
     """Catalog of the sources of one region.
 
     Parameters
@@ -338,59 +400,112 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
     tol : Newton-decrement tolerance (nats) of the trust-region Newton iterations
     max_iter : iteration limit per fit; sources not converged by then are flagged
     n_passes : block-coordinate passes over the region (1 when no source overlaps another)
-    patch_px : side of the square patch (odd) fitted around a source in each image
+    patch_px : smallest side (odd, px) of the square patch fitted around a source in each
+        image; the side used per source is :func:`patch_sizes_px` (from the PSF and its size)
     batch_size : sources per compiled call (fixed, so one compilation serves all)
     vector_width : sources fitted side by side within a call (None: 1 on CPU, the whole
         batch on accelerators)
     max_images : use at most this many images per source (None: all)
     region : region id written to the output
     progress : optional callable taking a message, called after each batch of sources
+    halo : sources of other regions near this one that are fitted with the region (so that
+        the region's sources see their neighbours' current estimates, not their starting
+        values) but not reported; ``neighbours`` then are the ring beyond them
 
     Returns
     -------
     DataFrame, one row per source of ``sources`` in input order (see ``catalog.OUTPUT_COLUMNS``).
+    The reported standard deviations are the Laplace ones times ``sqrt(fit_chi2)`` where the
+    fit's residuals exceed the noise (``fit_chi2 > 1``), and the type log-odds are divided by it
+    (a tempered posterior), then floored at ``P_STAR_FLOOR``.
     """
-    if patch_px % 2 == 0:
+    if patch_px is not None and patch_px % 2 == 0:
         raise ValueError("patch_px must be odd")
     bands = sort_bands(im.band for im in images)
+    n_fit = len(sources)
+    if n_fit == 0 or not images:
+        return empty_catalog(bands)
+    halo = halo if halo is not None else sources.iloc[:0]
+    neighbours = neighbours if neighbours is not None else sources.iloc[:0]
+    table = pd.concat([sources.assign(_fit=True), halo.assign(_fit=True), neighbours.assign(_fit=False)],
+                      ignore_index=True)
     ref = reference_band_index(bands)
     lay_s, lay_g = E.Layout(len(bands), ref, False), E.Layout(len(bands), ref, True)
     prior_s = type_prior_arrays(priors, bands, "star")
     prior_g = type_prior_arrays(priors, bands, "galaxy")
     p_prior = float(merged_priors(priors)["p_star"])
-    neighbours = neighbours if neighbours is not None else sources.iloc[:0]
-    table = pd.concat([sources.assign(_fit=True), neighbours.assign(_fit=False)], ignore_index=True)
     xs, xg, p_star = _initial_vectors(table, bands, ref, lay_s, lay_g, prior_s, prior_g)
-    n_fit = len(sources)
-    if n_fit == 0:
-        return empty_catalog(bands)
-    scene = _Scene(table, images, bands, patch_px, max_images)
-    _warn_masked_patches(sources, scene)
-    renderer = _renderer(lay_s, lay_g, patch_px)
-    passes = n_passes if scene.n_pairs else 1
-    fit = scene.fit_rows
+    # One scene per patch size: each fits its own sources, all see every source's current light.
+    sizes = patch_sizes_px(images, table, patch_px or 15)
+    fitted = table["_fit"].to_numpy(bool)
+    scenes = [_Scene(table.assign(_fit=fitted & (sizes == size)), images, bands, int(size), max_images)
+              for size in np.unique(sizes[fitted])]
+    _warn_masked_patches(sources, scenes)
+    passes = n_passes if any(sc.n_pairs for sc in scenes) else 1
     if vector_width is None:
         vector_width = 1 if jax.default_backend() == "cpu" else batch_size
-    iterations = np.zeros(n_fit, int)
+    n_rows = len(table)
+    res_s = _Results(n_rows, lay_s.size)
+    res_g = _Results(n_rows, lay_g.size)
+    log_odds = np.zeros(n_rows)
     for n_pass in range(1, passes + 1):
-        def report(kind):
-            if progress is None:
-                return None
-            return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model: {done}/{total} sources")
+        for sc in scenes:
+            def report(kind, size=sc.size):
+                if progress is None:
+                    return None
+                return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model ({size} px patches): "
+                                                    f"{done}/{total} sources")
 
-        bg = scene.background(xs, xg, p_star, renderer)
-        rs = _fit_type(lay_s, scene, xs[fit], bg, prior_s, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                       vector_width=vector_width, progress=report("star"))
-        rg = _fit_type(lay_g, scene, xg[fit], bg, prior_g, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                       vector_width=vector_width, progress=report("galaxy"))
-        xs[fit], xg[fit] = rs[0], rg[0]
-        iterations += np.maximum(rs[3], rg[3])
-        for i in range(n_fit):
-            lz_s, _ = _laplace(lay_s, rs[0][i], rs[1][i], rs[2][i])
-            lz_g, _ = _laplace(lay_g, rg[0][i], rg[1][i], rg[2][i])
-            log_odds = lz_s - lz_g + np.log(p_prior / (1 - p_prior))
-            p_star[fit[i]] = 1.0 / (1.0 + np.exp(-np.clip(log_odds, -700, 700)))
-    return _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star[fit], p_prior, scene, iterations, region)
+            renderer = _renderer(lay_s, lay_g, sc.size)
+            rows = sc.fit_rows
+            bg = sc.background(xs, xg, p_star, renderer)
+            rs = _fit_type(lay_s, sc, xs[rows], bg, prior_s, tol=tol, max_iter=max_iter, batch_size=batch_size,
+                           vector_width=vector_width, progress=report("star"))
+            rg = _fit_type(lay_g, sc, xg[rows], bg, prior_g, tol=tol, max_iter=max_iter, batch_size=batch_size,
+                           vector_width=vector_width, progress=report("galaxy"))
+            res_s.store(rows, rs)
+            res_g.store(rows, rg)
+            for k, row in enumerate(rows):
+                lz_s, _ = _laplace(lay_s, rs[0][k], rs[1][k], rs[2][k])
+                lz_g, _ = _laplace(lay_g, rg[0][k], rg[1][k], rg[2][k])
+                log_odds[row] = lz_s - lz_g + np.log(p_prior / (1 - p_prior))
+        # Jacobi-style: every scene of this pass saw the previous pass's estimates.
+        for res, x in ((res_s, xs), (res_g, xg)):
+            x[fitted] = res.x[fitted]
+        p_star[fitted] = _sigmoid(log_odds[fitted])
+    chi2 = np.ones(n_rows)
+    n_images = np.zeros(n_rows, int)
+    for sc in scenes:
+        chi2[sc.fit_rows] = sc.mismatch_chi2(xs, xg, p_star, _renderer(lay_s, lay_g, sc.size))
+        n_images[sc.fit_rows] = sc.n_images
+    temper = np.maximum(chi2, 1.0)
+    p_final = P_STAR_FLOOR + (1 - 2 * P_STAR_FLOOR) * _sigmoid(log_odds / temper)
+    n = n_fit
+    return _assemble(sources, bands, lay_s, lay_g, res_s.head(n), res_g.head(n), p_final[:n], p_prior,
+                     n_images[:n], region, chi2[:n], np.maximum(res_s.iterations, res_g.iterations)[:n])
+
+
+class _Results:
+    """Per-row results of one type's fits: parameters, ELBO, Hessian, iterations, convergence."""
+
+    def __init__(self, n_rows: int, size: int):
+        self.x = np.zeros((n_rows, size))
+        self.elbo = np.zeros(n_rows)
+        self.hess = np.zeros((n_rows, size, size))
+        self.iterations = np.zeros(n_rows, int)
+        self.converged = np.zeros(n_rows, bool)
+
+    def store(self, rows, result) -> None:
+        x, f, h, it, conv = result
+        self.x[rows], self.elbo[rows], self.hess[rows], self.converged[rows] = x, f, h, conv
+        self.iterations[rows] += it
+
+    def head(self, n: int):
+        return self.x[:n], self.elbo[:n], self.hess[:n], self.iterations[:n], self.converged[:n]
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -700, 700)))
 
 
 #: Below this fraction of usable (unmasked, unsaturated) pixels in its patches a source's fit
@@ -398,23 +513,31 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
 MIN_USABLE_FRACTION = 0.5
 
 
-def _warn_masked_patches(sources: pd.DataFrame, scene: _Scene) -> None:
+def _warn_masked_patches(sources: pd.DataFrame, scenes: list) -> None:
     """Warn about sources whose patches are mostly masked (a saturated core and bleed trail,
     bad columns, the image edge): their fluxes and types rest on the few pixels left, so they
     are fitted and kept, and said so."""
-    n_pix = scene.n_images * scene.size**2
-    usable = scene.arrays["weight"].sum(axis=(1, 2, 3))
-    frac = np.where(n_pix > 0, usable / np.maximum(n_pix, 1), 0.0)
+    n = len(sources)
+    frac = np.ones(n)
+    size = np.zeros(n, int)
+    for sc in scenes:
+        rows = sc.fit_rows
+        mine = rows < n
+        n_pix = sc.n_images[mine] * sc.size**2
+        usable = sc.arrays["weight"][mine].sum(axis=(1, 2, 3))
+        frac[rows[mine]] = np.where(n_pix > 0, usable / np.maximum(n_pix, 1), 0.0)
+        size[rows[mine]] = sc.size
     weak = np.flatnonzero(frac < MIN_USABLE_FRACTION)
     if weak.size:
         ra, dec = sources["ra"].to_numpy(float), sources["dec"].to_numpy(float)
-        shown = ", ".join(f"({ra[i]:.5f}, {dec[i]:.5f}): {100 * frac[i]:.0f}%" for i in weak[:5])
-        log.warning("%d source(s) have under %.0f%% usable pixels in their %d px patches (masked, saturated or off "
+        shown = ", ".join(f"({ra[i]:.5f}, {dec[i]:.5f}): {100 * frac[i]:.0f}% of {size[i]} px" for i in weak[:5])
+        log.warning("%d source(s) have under %.0f%% usable pixels in their patches (masked, saturated or off "
                     "the image), so their fluxes, shapes and types are weakly constrained: %s%s", weak.size,
-                    100 * MIN_USABLE_FRACTION, scene.size, shown, " ..." if weak.size > 5 else "")
+                    100 * MIN_USABLE_FRACTION, shown, " ..." if weak.size > 5 else "")
 
 
-def _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star, p_prior, scene, iterations, region) -> pd.DataFrame:
+def _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star, p_prior, n_images, region, chi2,
+              iterations) -> pd.DataFrame:
     n = len(sources)
     colors = color_names(bands)
     rows = []
@@ -423,6 +546,8 @@ def _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star, p_prior, scene, iter
         p = float(p_star[i])
         _, cov_s = _laplace(lay_s, rs[0][i], rs[1][i], rs[2][i])
         _, cov_g = _laplace(lay_g, rg[0][i], rg[1][i], rg[2][i])
+        inflate = max(float(chi2[i]), 1.0)  # residuals above the noise: the model is off by that much
+        cov_s, cov_g = cov_s * inflate, cov_g * inflate
         ss, sg = _type_summary(lay_s, rs[0][i], cov_s), _type_summary(lay_g, rg[0][i], cov_g)
         mixed = {k: _mix(p, ss[k], sg[k]) for k in ss}
         east, north = mixed["east"][0], mixed["north"][0]
@@ -444,12 +569,13 @@ def _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star, p_prior, scene, iter
         row["gal_axis_ratio"] = float(np.exp(-np.hypot(u1, u2)))
         row["gal_angle_deg"] = float(np.degrees(0.5 * np.arctan2(u2, u1)) % 180.0)
         row["gal_radius_arcsec"] = float(np.exp(ln_r))
-        row["n_images"] = int(scene.n_images[i])
+        row["n_images"] = int(n_images[i])
         conv_s, conv_g = bool(rs[4][i]), bool(rg[4][i])
         row["converged"] = (conv_s or p < 0.01) and (conv_g or p > 0.99)
         row["iterations"] = int(iterations[i])
         e_s, e_g = rs[1][i], rg[1][i]
         row["elbo"] = float(np.logaddexp(np.log(p_prior) + e_s, np.log(1 - p_prior) + e_g))
+        row["fit_chi2"] = float(chi2[i])
         row["region"] = int(region)
         rows.append(row)
     return pd.DataFrame(rows, columns=output_columns(bands))
@@ -464,7 +590,7 @@ def output_columns(bands) -> list[str]:
     for c in color_names(bands):
         cols += [f"color_{c}", f"color_{c}_sd"]
     return cols + ["gal_frac_dev", "gal_axis_ratio", "gal_angle_deg", "gal_radius_arcsec", "n_images",
-                   "converged", "iterations", "elbo", "region"]
+                   "converged", "iterations", "elbo", "fit_chi2", "region"]
 
 
 def empty_catalog(bands) -> pd.DataFrame:

@@ -81,42 +81,107 @@ def _unpack(p, k):
     return PsfMixture(amp, mean, cov)
 
 
-def fit_psf_image(psf_image: np.ndarray, n_components: int = 2) -> PsfMixture:
-    """Fit a Gaussian mixture to a pixelised PSF image.
+#: Fit quality the component search stops at: the flux a PSF-fit of the PSF itself recovers
+#: (sky-limited weights) is within this fraction of one, and the misplaced flux (sum of
+#: absolute residuals over the PSF's sum) is below ``MAX_L1_RESIDUAL``.
+MAX_FLUX_BIAS = 2e-3
+MAX_L1_RESIDUAL = 0.03
+MAX_COMPONENTS = 5
 
-    The image is normalised to unit sum and its centre is pixel ((nx-1)/2, (ny-1)/2); the
-    mixture is evaluated at pixel centres, so the pixel response it already contains is
-    not added again. Weights are renormalised to sum to one so that fluxes are conserved.
 
-    Parameters
-    ----------
-    psf_image : (ny, nx) array, any normalisation
-    n_components : number of Gaussians (1-3)
+@dataclass(frozen=True)
+class PsfFit:
+    """A mixture fitted to a pixelised PSF, and how well it fits.
 
-    Returns
-    -------
-    PsfMixture with means relative to the image centre.
+    flux_bias : ``sum(m p) / sum(m m) - 1`` for the unit-sum mixture ``m`` and PSF ``p``: the
+        relative error of a sky-limited PSF-fit flux of a star whose PSF is ``p``
+    l1_residual : ``sum |m - p| / sum p``, the fraction of the PSF's light misplaced
+    """
+
+    mixture: PsfMixture
+    flux_bias: float
+    l1_residual: float
+
+    @property
+    def n_components(self) -> int:
+        return self.mixture.n_components
+
+
+def _moments(img, center):
+    ny, nx = img.shape
+    y, x = np.mgrid[0:ny, 0:nx].astype(float)
+    pos = np.clip(img, 0, None)
+    cx = (pos * x).sum() / pos.sum() - center[0]
+    cy = (pos * y).sum() / pos.sum() - center[1]
+    # Moments of the core only: the wings of a Moffat make the plain second moment diverge.
+    core = pos * (pos >= 0.05 * pos.max())
+    var = 0.5 * ((core * ((x - center[0] - cx) ** 2 + (y - center[1] - cy) ** 2)).sum() / core.sum())
+    return cx, cy, np.sqrt(max(var, 0.1))
+
+
+def _pack(amp, mean, sx, sy, rho):
+    return np.concatenate([[np.log(a), m[0], m[1], np.log(a_), np.log(b_), np.arctanh(r)]
+                           for a, m, a_, b_, r in zip(amp, mean, sx, sy, rho)])
+
+
+def _fit_k(img, center, p0, k):
+    def resid(p):
+        return (mixture_image(_unpack(p, k), img.shape, center) - img).ravel()
+
+    # A capped budget: a Gaussian PSF makes a mixture degenerate, and the fit then wanders
+    # along a flat valley to no benefit.
+    fit = least_squares(resid, p0, method="lm", xtol=1e-10, ftol=1e-10, max_nfev=200 * k)
+    return fit.x, float(np.sum(fit.fun ** 2))
+
+
+def _quality(mix: PsfMixture, img, center) -> PsfFit:
+    unit = PsfMixture(mix.amp / mix.amp.sum(), mix.mean_px, mix.cov_px2)
+    m = mixture_image(unit, img.shape, center)
+    return PsfFit(unit, float((m * img).sum() / (m * m).sum() - 1.0), float(np.abs(m - img).sum() / img.sum()))
+
+
+def fit_psf_mixture(psf_image: np.ndarray, max_components: int = MAX_COMPONENTS,
+                    max_flux_bias: float = MAX_FLUX_BIAS, max_l1_residual: float = MAX_L1_RESIDUAL) -> PsfFit:
+    """The smallest Gaussian mixture (1 to ``max_components``) that fits a pixelised PSF.
+
+    Components are added one at a time, each new one wider than the widest so far (a PSF's
+    wings: Moffat, the SDSS power-law wing, a PSFEx halo), starting from the previous fit; the
+    search stops at the first mixture whose flux bias and misplaced light (see
+    :class:`PsfFit`) are below the limits, else returns the best one tried. The least-squares
+    fit is unweighted, as a sky-limited PSF fit of a star is. The image is normalised to unit
+    sum, its centre is pixel ((nx-1)/2, (ny-1)/2), and the mixture is evaluated at pixel
+    centres, so the pixel response the image already holds is not added again.
     """
     img = np.asarray(psf_image, dtype=float)
     img = np.where(np.isfinite(img), img, 0.0)
     img = img / img.sum()
     ny, nx = img.shape
     center = ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    y, x = np.mgrid[0:ny, 0:nx].astype(float)
-    pos = np.clip(img, 0, None)
-    cx, cy = (pos * x).sum() / pos.sum() - center[0], (pos * y).sum() / pos.sum() - center[1]
-    var = 0.5 * ((pos * (x - center[0] - cx) ** 2).sum() + (pos * (y - center[1] - cy) ** 2).sum()) / pos.sum()
-    sigma = np.sqrt(max(var, 0.1))
-    scales = [0.8, 1.4, 2.5][:n_components]
-    weights = [0.7, 0.25, 0.05][:n_components]
-    p0 = np.concatenate([[np.log(w), cx, cy, np.log(s * sigma), np.log(s * sigma), 0.0]
-                         for w, s in zip(weights, scales)])
+    cx, cy, sigma = _moments(img, center)
+    p = _pack([1.0], [(cx, cy)], [sigma], [sigma], [0.0])
+    best = None
+    for k in range(1, max_components + 1):
+        if k > 1:
+            prev = _unpack(p, k - 1)
+            widest = float(np.sqrt(np.max(np.linalg.eigvalsh(prev.cov_px2))))
+            p = np.concatenate([p, _pack([0.1 * prev.amp.sum()], [(cx, cy)], [2.0 * widest], [2.0 * widest],
+                                         [0.0])])
+        p, _ = _fit_k(img, center, p, k)
+        q = _quality(_unpack(p, k), img, center)
+        if best is None or abs(q.flux_bias) + q.l1_residual < abs(best.flux_bias) + best.l1_residual:
+            best = q
+        if abs(q.flux_bias) <= max_flux_bias and q.l1_residual <= max_l1_residual:
+            return q
+    return best
 
-    def resid(p):
-        return (mixture_image(_unpack(p, n_components), img.shape, center) - img).ravel()
 
-    # A capped budget: a Gaussian PSF makes the mixture degenerate, and the fit then
-    # wanders along a flat valley to no benefit.
-    fit = least_squares(resid, p0, method="lm", xtol=1e-10, ftol=1e-10, max_nfev=300)
-    mix = _unpack(fit.x, n_components)
-    return PsfMixture(mix.amp / mix.amp.sum(), mix.mean_px, mix.cov_px2)
+def fit_psf_image(psf_image: np.ndarray, n_components: int | None = None) -> PsfMixture:
+    """A Gaussian mixture for a pixelised PSF (see :func:`fit_psf_mixture`).
+
+    ``n_components`` fixes the mixture size; None (the default) lets the fit's residual choose it.
+    Weights sum to one so that fluxes are conserved; means are relative to the image centre.
+    """
+    if n_components is None:
+        return fit_psf_mixture(psf_image).mixture
+    return fit_psf_mixture(psf_image, max_components=n_components, max_flux_bias=0.0,
+                           max_l1_residual=0.0).mixture

@@ -107,6 +107,51 @@ def score_catalog(catalog: pd.DataFrame, truth: pd.DataFrame, *, pixel_scale_arc
     return out
 
 
+def calibration_table(catalog: pd.DataFrame, truth: pd.DataFrame, bands, *, match_radius_arcsec: float = 2.0,
+                      colors=("gr", "ri")) -> dict:
+    """Bias and 1-sd coverage of every reported quantity, over matched sources.
+
+    ``bias_<q>`` is the mean of ``(estimate - truth) / sd`` (0 for an unbiased catalog),
+    ``within1sd_<q>`` the fraction with ``|estimate - truth| <= sd`` (0.683 for honest Gaussian
+    errors); q is ``flux_<band>``, ``color_<c>``, ``east`` and ``north``.
+    """
+    m = match_catalog(catalog, truth, match_radius_arcsec)
+    ok = m >= 0
+    t = truth[ok].reset_index(drop=True)
+    c = catalog.iloc[m[ok]].reset_index(drop=True)
+    pairs = {}
+    for b in bands:
+        if f"flux_{b}_sd_nmgy" in c and f"flux_{b}_nmgy" in t:
+            pairs[f"flux_{b}"] = (c[f"flux_{b}_nmgy"] - t[f"flux_{b}_nmgy"], c[f"flux_{b}_sd_nmgy"])
+    for col in colors:
+        if f"color_{col}_sd" in c and f"color_{col}" in t:
+            pairs[f"color_{col}"] = (c[f"color_{col}"] - t[f"color_{col}"], c[f"color_{col}_sd"])
+    if "ra_sd" in c:
+        cosd = np.cos(np.radians(t["dec"].to_numpy(float)))
+        pairs["east"] = (((c["ra"] - t["ra"] + 180) % 360 - 180) * cosd * 3600.0, c["ra_sd"])
+        pairs["north"] = ((c["dec"] - t["dec"]) * 3600.0, c["dec_sd"])
+    out = {}
+    for q, (err, sd) in pairs.items():
+        err, sd = np.asarray(err, float), np.asarray(sd, float)
+        good = np.isfinite(err) & np.isfinite(sd) & (sd > 0)
+        out[f"bias_{q}"] = float(np.mean(err[good] / sd[good])) if good.any() else float("nan")
+        out[f"within1sd_{q}"] = _within(err, sd)
+    return out
+
+
+def completeness_by_mag(catalog: pd.DataFrame, truth: pd.DataFrame, edges_mag, *,
+                        match_radius_arcsec: float = 2.0) -> list[dict]:
+    """Fraction of true sources matched, per bin of true r magnitude (``edges_mag`` bin edges)."""
+    found = match_catalog(catalog, truth, match_radius_arcsec) >= 0
+    mag = _mag(truth["flux_r_nmgy"])
+    rows = []
+    for lo, hi in zip(edges_mag[:-1], edges_mag[1:]):
+        sel = (mag >= lo) & (mag < hi)
+        rows.append({"mag_lo": float(lo), "mag_hi": float(hi), "n_truth": int(sel.sum()),
+                     "completeness": float(found[sel].mean()) if sel.any() else float("nan")})
+    return rows
+
+
 def markdown_table(scores: dict[str, dict]) -> str:
     """Scores of several catalogs side by side as a Markdown table (rows = metrics)."""
     names = list(scores)

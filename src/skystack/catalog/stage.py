@@ -18,7 +18,9 @@ from astropy.table import Table
 from ..astrometry.astropy_wcs import astropy_world2pix_near
 from ..core.io import atomic_path, write_parquet
 from ..report.figures import catalog_figure
-from ..survey.pixels import aux_of, read_pixels
+from ..survey.conventions import load_conventions, psfex_path
+from ..survey.pixels import aux_of, read_pixels, read_variance
+from ..survey.psf import psf_from_stars, psfex_model_of
 from ..survey.stage import select_images, with_zero_point
 from .data import ImageData
 from .detect import detect_sources
@@ -30,20 +32,39 @@ CANDIDATE_COLUMNS = ("ra", "dec", "flux_r_nmgy")
 
 
 def load_image(row) -> ImageData:
-    """Pixels (NaN where masked or saturated), WCS, PSF (the ``PSF`` extension when present),
-    and the map of saturated pixels (raw value at or above the indexed ``saturate``)."""
+    """Pixels (NaN where masked or saturated), WCS, PSF (the ``PSF`` extension, else the PSFEx
+    model or the image's own stars the index measured it on, else the indexed Gaussian width),
+    the per-pixel variance of an attached weight or variance map, and the map of saturated
+    pixels (raw value at or above the indexed ``saturate``)."""
     aux = aux_of(row)
     saturate = float(row["saturate"])
     pixels = read_pixels(row["path"], int(row["hdu"]), aux, saturate)
-    psf = None
-    if "PSF" in aux:
-        psf = np.asarray(fits.getdata(row["path"], aux["PSF"]), dtype=float)
+    variance, variance_has_sources = read_variance(row["path"], int(row["hdu"]), aux, pixels.shape)
+    psf = image_psf(row, aux, pixels, saturate)
     saturated = None
     if np.isfinite(saturate) and np.isnan(pixels).any():
         with fits.open(row["path"], memmap=False) as hdul:
             raw = np.asarray(hdul[int(row["hdu"])].data, dtype=np.float32)
         saturated = raw >= saturate
-    return ImageData.from_index_row(row, pixels, psf, saturated=saturated)
+    return ImageData.from_index_row(row, pixels, psf, variance, variance_has_sources, saturated=saturated)
+
+
+def image_psf(row, aux: dict, pixels: np.ndarray, saturate: float):
+    """The richest PSF the image has, for the catalog's mixture fit: the ``PSF`` extension; the
+    PSFEx model shipped with the image by its convention's naming rule (a function of the
+    position; used even where a FWHM keyword gave the index its width); the median stamp of the
+    image's own stars when the index measured the PSF on them; else None (the indexed Gaussian
+    width)."""
+    if "PSF" in aux:
+        return np.asarray(fits.getdata(row["path"], aux["PSF"]), dtype=float)
+    conv = next((c for c in load_conventions() if c["name"] == row.get("convention")), None)
+    where = psfex_path(row["path"], conv) if conv is not None else None
+    if where is not None:
+        model = psfex_model_of(row["path"], int(row["hdu"]), where)
+        return lambda x_px, y_px: model.image_at(x_px, y_px)
+    if str(row.get("psf_source", "keyword")) == "stars":
+        return psf_from_stars(pixels, None, saturate=saturate)["image"]
+    return None
 
 
 def _unit(ra_deg, dec_deg) -> np.ndarray:
@@ -124,10 +145,29 @@ def plan_regions(candidates: pd.DataFrame, max_sources_per_region: int, n_region
 
 
 def region_inputs(regions: pd.DataFrame, region: int, margin_arcsec: float):
-    """The region's own sources and its fixed neighbours from other regions."""
+    """The region's own sources, its halo (sources of other regions within ``margin_arcsec``,
+    fitted with it but not reported) and the fixed ring beyond (within twice the margin, held at
+    their starting values while the halo is fitted)."""
+    if len(regions) == 0 or "region" not in regions:
+        empty = regions.drop(columns="region", errors="ignore")
+        return empty, empty, empty
     labels = regions["region"].to_numpy()
     cands = regions.drop(columns="region")
-    return cands[labels == region], region_neighbours(cands, labels, region, margin_arcsec)
+    halo = region_neighbours(cands, labels, region, margin_arcsec)
+    ring = region_neighbours(cands, labels, region, 2.0 * margin_arcsec)
+    return cands[labels == region], halo, ring.drop(index=halo.index)
+
+
+def fit_all_regions(candidates: pd.DataFrame, images: list[ImageData], *, max_sources_per_region: int,
+                    margin_arcsec: float = 15.0, priors=None, **fit_kw) -> pd.DataFrame:
+    """Every region of ``candidates`` fitted one after another, each with its halo, as the
+    workflow's ``fit_region`` jobs do; the regions' tables joined."""
+    regions, plan = plan_regions(candidates.reset_index(drop=True), max_sources_per_region)
+    parts = []
+    for r in range(plan["n_regions"]):
+        mine, halo, ring = region_inputs(regions, r, margin_arcsec)
+        parts.append(fit_region(mine, ring, images, priors, region=r, halo=halo, **fit_kw))
+    return pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
 
 
 def write_catalog(catalog: pd.DataFrame, parquet_path, fits_path) -> None:
@@ -187,20 +227,29 @@ def plan_regions_stage(candidates_path, regions_out, plan_out, *, max_sources_pe
 def fit_region_stage(regions_path, images_path, region: int, catalog_out, *, margin_arcsec: float, patch_px: int,
                      tol: float, max_iter: int, max_images: int, log: logging.Logger) -> pd.DataFrame:
     """``fit_region``: every source of one region fitted jointly to every overlapping science
-    image, neighbours from other regions held fixed."""
-    sources, neighbours = region_inputs(pd.read_parquet(regions_path), region, margin_arcsec)
+    image, together with its halo of neighbours from other regions (the ring beyond held fixed).
+    A region without sources (a survey without science images, a field without detections)
+    gives an empty table."""
+    sources, halo, ring = region_inputs(pd.read_parquet(regions_path), region, margin_arcsec)
+    if len(sources) == 0:
+        log.info("region %d: no sources; empty table", region)
+        write_parquet(fit_region(sources, None, []), catalog_out)
+        return pd.read_parquet(catalog_out)
+    fitted = pd.concat([sources, halo], ignore_index=True)
     rows = images_overlapping(with_zero_point(select_images(pd.read_parquet(images_path), "science"),
                                               str(images_path), log),
-                              sources["ra"], sources["dec"], margin_arcsec + patch_px)
-    log.info("region %d: %d sources, %d fixed neighbours, %d overlapping science images (all epochs and bands)",
-             region, len(sources), len(neighbours), len(rows))
+                              fitted["ra"], fitted["dec"], margin_arcsec + patch_px)
+    log.info("region %d: %d sources, %d halo neighbours fitted with them, %d fixed beyond, %d overlapping science "
+             "images (all epochs and bands)", region, len(sources), len(halo), len(ring), len(rows))
     images = [load_image(row) for _, row in rows.iterrows()]
     t0 = time.time()
-    catalog = fit_region(sources, neighbours, images, tol=tol, max_iter=max_iter, patch_px=patch_px,
-                         max_images=max_images, region=region, progress=log.info)
+    catalog = fit_region(sources, ring, images, tol=tol, max_iter=max_iter, patch_px=patch_px,
+                         max_images=max_images, region=region, progress=log.info, halo=halo)
     seconds = max(time.time() - t0, 1e-9)
-    log.info("fitted %d sources in %.1f s (%.1f sources/s); %d not converged (flagged, kept)", len(catalog),
-             seconds, len(catalog) / seconds, int((~catalog["converged"].astype(bool)).sum()))
+    log.info("fitted %d sources (+%d halo) in %.1f s (%.1f sources/s); %d not converged (flagged, kept); "
+             "%d with residuals above the noise (fit_chi2 > 1.5: sds inflated, types tempered)", len(catalog),
+             len(halo), seconds, (len(catalog) + len(halo)) / seconds,
+             int((~catalog["converged"].astype(bool)).sum()), int((catalog["fit_chi2"] > 1.5).sum()))
     write_parquet(catalog, catalog_out)
     return catalog
 

@@ -90,18 +90,27 @@ def snr_versus_parameter(values: np.ndarray, snr: np.ndarray, truth_value: float
 
 
 def catalog_figure(catalog: pd.DataFrame, path) -> None:
-    """Position and flux uncertainty against r magnitude, stars and galaxies apart."""
+    """Position and flux uncertainty against magnitude (r, else the first band), stars and
+    galaxies apart; an empty catalog gives a figure that says so."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    bands = [c[5:-5] for c in catalog.columns if c.startswith("flux_") and c.endswith("_nmgy") and "_sd_" not in c]
+    band = "r" if "r" in bands else (bands[0] if bands else None)
+    if band is None or len(catalog) == 0:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no sources", ha="center", va="center", transform=ax.transAxes)
+        fig.suptitle("0 sources", fontsize=10)
+        _save(fig, path)
+        return
     star = catalog["p_star"].to_numpy(float) >= 0.5
     pos_sd = np.hypot(catalog["ra_sd"].to_numpy(float), catalog["dec_sd"].to_numpy(float))
-    rel_sd = catalog["flux_r_sd_nmgy"].to_numpy(float) / catalog["flux_r_nmgy"].to_numpy(float)
-    mag = catalog["mag_r"].to_numpy(float)
+    rel_sd = catalog[f"flux_{band}_sd_nmgy"].to_numpy(float) / catalog[f"flux_{band}_nmgy"].to_numpy(float)
+    mag = catalog[f"mag_{band}"].to_numpy(float)
     for mask, label, marker in ((star, "stars", "*"), (~star, "galaxies", "o")):
         axes[0].scatter(mag[mask], pos_sd[mask], s=12, marker=marker, label=f"{label} ({mask.sum()})")
         axes[1].scatter(mag[mask], rel_sd[mask], s=12, marker=marker)
-    axes[0].set(xlabel="r (AB mag)", ylabel="position sd (arcsec)", yscale="log")
-    axes[1].set(xlabel="r (AB mag)", ylabel="r flux sd / flux", yscale="log")
-    conv = catalog["converged"].astype(bool).mean() if len(catalog) else float("nan")
+    axes[0].set(xlabel=f"{band} (AB mag)", ylabel="position sd (arcsec)", yscale="log")
+    axes[1].set(xlabel=f"{band} (AB mag)", ylabel=f"{band} flux sd / flux", yscale="log")
+    conv = catalog["converged"].astype(bool).mean()
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{len(catalog)} sources, {100 * conv:.0f}% converged", fontsize=10)
     _save(fig, path)

@@ -95,7 +95,17 @@ def duplicate_match_px(images: pd.DataFrame) -> float:
 
 
 def bright_star_mask(catalog: pd.DataFrame, mag_limit: float, p_star_min: float = 0.5) -> pd.DataFrame:
-    """Stars brighter than ``mag_limit`` in r: the search masks intersections near them."""
-    stars = catalog[(catalog["p_star"] >= p_star_min) & (catalog["mag_r"] < mag_limit)]
-    return pd.DataFrame({"ra_deg": stars["ra"].to_numpy(float), "dec_deg": stars["dec"].to_numpy(float),
-                         "mag_r": stars["mag_r"].to_numpy(float)})
+    """Stars brighter than ``mag_limit`` in r (in the brightest band the catalog has, when it has
+    no r): the search masks intersections near them. An empty catalog masks nothing."""
+    mags = [c for c in catalog.columns if c.startswith("mag_")]
+    if "mag_r" in mags:
+        mag = catalog["mag_r"].to_numpy(float)
+    elif mags:
+        mag = np.nanmin(catalog[mags].to_numpy(float), axis=1) if len(catalog) else np.zeros(0)
+    else:
+        mag = np.full(len(catalog), np.nan)
+    keep = (catalog["p_star"].to_numpy(float) >= p_star_min) & (mag < mag_limit) if len(catalog) else np.zeros(0, bool)
+    stars = catalog[keep]
+    return pd.DataFrame({"ra_deg": stars["ra"].to_numpy(float) if len(stars) else np.zeros(0),
+                         "dec_deg": stars["dec"].to_numpy(float) if len(stars) else np.zeros(0),
+                         "mag_r": mag[keep]})

@@ -1,7 +1,9 @@
 """Simulated multi-epoch, multi-band images with a known truth table, for tests and benchmarks.
 
 Stars are the PSF; galaxies are de Vaucouleurs + exponential sums of one half-light radius,
-sheared to an axis ratio and position angle, convolved with a Gaussian PSF; GalSim renders
+sheared to an axis ratio and position angle, convolved with the PSF (``psf_profile``: a
+Gaussian, a Moffat, or an SDSS-like sum of three Gaussians; for the last two the images carry
+the PSF as a pixelised image, as a ``PSF`` extension would, drawn by GalSim); GalSim renders
 them (pixel response included) with the local Jacobian of each image's TAN WCS, so each
 epoch sees the sky through a slightly different pointing, rotation and seeing. Noise is
 Poisson on sky plus sources (in electrons), or Gaussian on sky-subtracted images.
@@ -15,7 +17,7 @@ import pandas as pd
 from astropy.wcs import WCS
 
 from ..catalog.data import ImageData
-from ..core.units import NMGY_ZERO_MAG, counts_per_nmgy
+from ..core.units import FWHM_PER_SIGMA, NMGY_ZERO_MAG, counts_per_nmgy
 from .galsim_render import draw_into, local_jacobian, source_object
 
 
@@ -28,7 +30,10 @@ class SimConfig:
     bands: tuple = ("g", "r", "i")
     n_epochs: int = 2
     pixel_scale_arcsec: float = 1.0
-    psf_sigma_px: tuple = (1.2, 1.7)          # range over images
+    psf_sigma_px: tuple = (1.2, 1.7)          # range over images (Gaussian-equivalent FWHM / 2.3548)
+    psf_profile: str = "gaussian"             # gaussian, moffat or sdss3g
+    moffat_beta: float = 3.0
+    psf_image_half_px: int = 12               # pixelised PSF handed to the catalog (non-Gaussian profiles)
     sky_adu: float = 150.0
     gain: float = 2.0
     magzp: float = 27.0
@@ -100,13 +105,41 @@ def tan_wcs(ra_deg, dec_deg, nx, ny, scale_arcsec, rotation_deg) -> WCS:
     return w
 
 
-def render_image(truth: pd.DataFrame, w: WCS, nx: int, ny: int, band: str, psf_sigma_px: float,
-                 counts_per_nmgy: float, scale_arcsec: float, stamp_half_px: int) -> np.ndarray:
-    """Noise-free source counts (ADU) of every truth source on an (ny, nx) image."""
+#: SDSS-like PSF: core, its double and a wide wing, as in SDSS's psField fits (weights, sigma
+#: relative to the core's).
+SDSS3G_COMPONENTS = ((0.83, 1.0), (0.14, 2.1), (0.03, 5.5))
+
+
+def galsim_psf(profile: str, fwhm_arcsec: float, beta: float = 3.0):
+    """A GalSim PSF of the given profile and FWHM (arcsec)."""
+    import galsim
+
+    if profile == "gaussian":
+        return galsim.Gaussian(fwhm=fwhm_arcsec)
+    if profile == "moffat":
+        return galsim.Moffat(beta=beta, fwhm=fwhm_arcsec)
+    if profile == "sdss3g":
+        core = galsim.Add([galsim.Gaussian(sigma=s, flux=a) for a, s in SDSS3G_COMPONENTS])
+        return core.dilate(fwhm_arcsec / core.calculateFWHM())
+    raise ValueError(f"unknown PSF profile {profile!r} (gaussian, moffat or sdss3g)")
+
+
+def psf_image(psf, scale_arcsec: float, half_px: int) -> np.ndarray:
+    """The PSF drawn on a centred (2 half_px + 1)^2 pixel grid, pixel response included, unit sum."""
+    import galsim
+
+    n = 2 * half_px + 1
+    img = psf.drawImage(nx=n, ny=n, scale=scale_arcsec, method="auto").array.astype(np.float64)
+    return img / img.sum()
+
+
+def render_image(truth: pd.DataFrame, w: WCS, nx: int, ny: int, band: str, psf,
+                 counts_per_nmgy: float, stamp_half_px: int) -> np.ndarray:
+    """Noise-free source counts (ADU) of every truth source on an (ny, nx) image; ``psf`` a
+    GalSim profile in arcsec."""
     import galsim
 
     image = galsim.ImageF(nx, ny, xmin=0, ymin=0)
-    psf = galsim.Gaussian(sigma=psf_sigma_px * scale_arcsec)
     x, y = w.all_world2pix(truth["ra"].to_numpy(), truth["dec"].to_numpy(), 0)
     gsp = galsim.GSParams(maximum_fft_size=4096)
     for k, src in enumerate(truth.to_dict("records")):
@@ -139,11 +172,11 @@ def simulate_field(cfg: SimConfig | None = None, **overrides) -> tuple[list[Imag
             dither = rng.uniform(-cfg.dither_px, cfg.dither_px, 2) * cfg.pixel_scale_arcsec / 3600.0
             rot = rng.uniform(-cfg.rotation_deg, cfg.rotation_deg)
             sigma = rng.uniform(*cfg.psf_sigma_px)
+            psf = galsim_psf(cfg.psf_profile, sigma * FWHM_PER_SIGMA * cfg.pixel_scale_arcsec, cfg.moffat_beta)
             w = tan_wcs(cfg.ra_center_deg + dither[0] / np.cos(np.radians(cfg.dec_center_deg)),
                         cfg.dec_center_deg + dither[1], n_side, n_side, cfg.pixel_scale_arcsec, rot)
             cpn = counts_per_nmgy(cfg.magzp)
-            model = render_image(truth, w, n_side, n_side, band, sigma, cpn, cfg.pixel_scale_arcsec,
-                                 cfg.stamp_half_px)
+            model = render_image(truth, w, n_side, n_side, band, psf, cpn, cfg.stamp_half_px)
             noise_rng = _rng(cfg.seed, 3, e, bi)
             expected_e = (cfg.sky_adu + np.clip(model, 0, None)) * cfg.gain
             if cfg.sky_subtracted:
@@ -156,7 +189,9 @@ def simulate_field(cfg: SimConfig | None = None, **overrides) -> tuple[list[Imag
                 sky = cfg.sky_adu
             header = w.to_header().tostring(sep="\n")
             images.append(ImageData(pixels=pixels.astype(np.float32), band=band, magzp=cfg.magzp,
-                                    wcs_header=header, psf=float(sigma), sky_level=sky, gain=cfg.gain,
+                                    wcs_header=header, sky_level=sky, gain=cfg.gain,
+                                    psf=float(sigma) if cfg.psf_profile == "gaussian"
+                                    else psf_image(psf, cfg.pixel_scale_arcsec, cfg.psf_image_half_px),
                                     noise_var=noise_var, sky_subtracted=cfg.sky_subtracted,
                                     image_id=len(images)))
     return images, truth

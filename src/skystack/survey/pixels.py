@@ -114,3 +114,24 @@ def aux_of(row) -> dict:
     if "mask_bits" in row and "MASK" in out and int(row["mask_bits"]) != -1:
         out["MASK_BITS"] = int(row["mask_bits"])
     return out
+
+
+def read_variance(path, hdu: int, aux: dict | None, shape) -> tuple[np.ndarray | None, bool]:
+    """The per-pixel noise variance (pixel units squared) of an image from its attached weight
+    (inverse variance) or variance map, and whether it holds the sources' shot noise (a
+    VARIANCE plane, as LSST and Pan-STARRS write; weight maps are of the sky and read noise).
+    ``(None, False)`` without such a map. Bad pixels (zero weight) come back NaN."""
+    aux = aux or {}
+    with fits.open(path, memmap=False) as hdul:
+        for key, inverse in (("WEIGHT", True), ("INVVAR", True), ("VARIANCE", False)):
+            if key in aux:
+                v = _aux_data(hdul, aux[key], path).astype(np.float64)
+                break
+        else:
+            return None, False
+    if v.shape != tuple(shape):
+        raise ValueError(f"{path}: {key} map shape {v.shape} does not match the image {tuple(shape)}")
+    good = np.isfinite(v) & (v > 0)
+    with np.errstate(divide="ignore"):
+        var = np.where(good, 1.0 / v if inverse else v, np.nan)
+    return var.astype(np.float32), not inverse

@@ -647,6 +647,21 @@ def _saturation(hdr) -> float:
     return min(levels) if levels else np.inf
 
 
+def psfex_model_of(path, hdu, psfex_path) -> PsfexModel:
+    """The PSFEx model of image ``path[hdu]``; a multi-row legacypipe file is matched to the image
+    by its header's CCDNAME/EXTNAME and EXPNUM."""
+    try:
+        return read_psfex(psfex_path)
+    except ValueError as err:
+        hdr, primary = _image_header(path, hdu)
+        if "rows match" not in str(err) or hdr is None:
+            raise
+        ccd = hdr.get("CCDNAME", hdr.get("EXTNAME"))
+        exp = hdr.get("EXPNUM", primary.get("EXPNUM") if primary is not None else None)
+        return read_psfex(psfex_path, ccdname=str(ccd).strip() if ccd else None,
+                          expnum=int(exp) if exp is not None else None)
+
+
 def estimate_psf(path, hdu, pixels, bad_mask, wcs, psfex_path=None, min_stars=5) -> dict:
     """The PSF width of an image with no PSF keyword: dict(psf_sigma_px, psf_source, n_psf_stars).
 
@@ -661,17 +676,9 @@ def estimate_psf(path, hdu, pixels, bad_mask, wcs, psfex_path=None, min_stars=5)
     """
     pixels = np.asarray(pixels)
     ny, nx = pixels.shape
-    hdr, primary = _image_header(path, hdu)
+    hdr, _ = _image_header(path, hdu)
     if psfex_path is not None:
-        try:
-            model = read_psfex(psfex_path)
-        except ValueError as err:
-            if "rows match" not in str(err) or hdr is None:
-                raise
-            ccd = hdr.get("CCDNAME", hdr.get("EXTNAME"))
-            exp = hdr.get("EXPNUM", primary.get("EXPNUM") if primary is not None else None)
-            model = read_psfex(psfex_path, ccdname=str(ccd).strip() if ccd else None,
-                               expnum=int(exp) if exp is not None else None)
+        model = psfex_model_of(path, hdu, psfex_path)
         sigma = model.sigma_at((nx - 1) / 2.0, (ny - 1) / 2.0)
         return {"psf_sigma_px": float(sigma), "psf_source": "psfex", "n_psf_stars": int(model.n_stars or 0)}
     res = psf_from_stars(pixels, bad_mask, saturate=_saturation(hdr), min_stars=min_stars)
