@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 CORES ?= 2
-CONFIG ?= config/config.yaml
+CONFIG ?= config/experiments/demo.yaml
 
 .PHONY: run test venv clean bench lint
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	@$(VENV)/bin/python -m skystack.core.config config/config.yaml $(CONFIG)
+	@$(VENV)/bin/python -m skystack.core.config $(CONFIG)
 	$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG)
 	@$(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --configfile $(CONFIG) --quiet all \
 	  --report $$($(VENV)/bin/python -m skystack.report.summary --configfile $(CONFIG) --report-path)

@@ -6,7 +6,7 @@ orbit chunk of the plan, each partition's intersections, patch gathers from its 
 and matched filter (``tracking.search_partials``), then the chunk's combination with sigma-G
 clipping (``tracking.combine_partials``). The orbits are the workflow's own (the plan).
 
-    python -m benchmarks.end_to_end [--config config/config.yaml] [--workdir benchmarks/out/end_to_end]
+    python -m benchmarks.end_to_end [--config config/experiments/demo.yaml] [--workdir benchmarks/out/end_to_end]
 
 Prints JSON: orbits per second and intersections per second over the whole search, the
 seconds per step, the detections above the config's SNR threshold, and the device.
@@ -25,7 +25,7 @@ import pandas as pd
 
 from skystack.core.config import load_config
 from skystack.core.runtime import configure, device_summary
-from skystack.orbits.plan import orbits_for_ids
+from skystack.orbits.plan import orbit_ids_at, orbits_for_ids
 from skystack.search.combine import combine_partials
 from skystack.search.intersect import prepare_images
 from skystack.search.shard import search_partials
@@ -53,7 +53,7 @@ def build_inputs(config_path: Path, workdir: Path, cores: int) -> dict:
 def main(argv=None) -> dict:
     configure()  # float64 positions, the compilation cache
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
+    ap.add_argument("--config", type=Path, default=REPO / "config" / "experiments" / "demo.yaml")
     ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "out" / "end_to_end")
     ap.add_argument("--cores", type=int, default=2, help="for building the survey")
     ap.add_argument("--max-orbits", type=int, default=0, help="search only the first N orbits of the plan (0: all)")
@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
     def search_all(timings):
         found, n_hits = [], 0
         for start in range(0, n_orbits, size):
-            orbits = orbits_for_ids(plan, listed, np.arange(start, min(start + size, n_orbits)))
+            ids = orbit_ids_at(plan, listed, np.arange(start, min(start + size, n_orbits)))  # plan positions -> ids
+            orbits = orbits_for_ids(plan, listed, ids)
             partials = pd.concat([search_partials(orbits, mine, cache, prepared=prepared, timings=timings,
                                                   smoothing_sigma_px=search_cfg["smoothing_sigma_px"],
                                                   max_batch_bytes=search_cfg["max_batch_mb"] << 20)

@@ -246,12 +246,12 @@ def test_unknown_reference():
 
 
 def test_config_files_merge_as_snakemake_merges_them():
-    """load_config merges files key by key like Snakemake's own update_config (the default
-    config, then an experiment on top), so the summary sees the run's config."""
+    """load_config merges files key by key like Snakemake's own update_config (one experiment,
+    then another on top, as ``--configfile a.yaml b.yaml``), so the summary sees the run's config."""
     import yaml
     from snakemake.utils import update_config
 
-    base, experiment = REPO / "config" / "config.yaml", REPO / "config" / "experiments" / "chiron.yaml"
+    base, experiment = REPO / "config" / "experiments" / "demo.yaml", REPO / "config" / "experiments" / "chiron.yaml"
     expected = yaml.safe_load(base.read_text())
     update_config(expected, yaml.safe_load(experiment.read_text()))
     merged = load_config(base, experiment)

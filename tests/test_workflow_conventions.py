@@ -30,7 +30,7 @@ def test_snakefmt_check_passes():
 
 @pytest.mark.parametrize("variant", ["default", "slurm profile", "without skystack importable"])
 def test_snakemake_lint_passes(variant):
-    """``snakemake --lint`` as ``make lint`` runs it (in the repository, on config/config.yaml). Under
+    """``snakemake --lint`` as ``make lint`` runs it (in the repository, with no --configfile: the demo). Under
     the Slurm profile too, whose set-resources are read when the rules are parsed. And as the
     workflow catalog runs it, in an environment with Snakemake but not skystack."""
     if variant == "without skystack importable":

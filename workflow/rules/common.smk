@@ -30,6 +30,87 @@ if non_finite_keys(config):
         "(not NaN or inf)"
     )
 
+
+# ----------------------------------------------------------------------------- bounded work
+def n_random_orbits():
+    """orbits.n_random, or its default when null: 2000 for source random, else 0 (as
+    skystack.orbits.plan.n_random_of; here so that parsing needs no skystack)."""
+    n = config["orbits"]["n_random"]
+    if n is None:
+        return 2000 if config["orbits"]["source"] == "random" else 0
+    return int(n)
+
+
+def orbit_file_rows(path):
+    """Rows of an orbit file, counted cheaply (0 when it cannot be read here: the plan says why)."""
+    try:
+        if path.lower().endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows
+        import gzip
+
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            lines = sum(
+                1 for line in fh if line.strip() and not line.lstrip().startswith(b"#")
+            )
+        return max(lines - 1, 0)  # less the header line
+    except Exception:  # noqa: BLE001 - a lower bound only
+        return 0
+
+
+def planned_jobs():
+    """A lower bound on the jobs the config asks for, and what it is made of, counted before
+    Snakemake builds any job: the orbit chunk ranges x (partitions + 1) search jobs (one
+    search_shard per partition and one combine_chunk), the partitions' tile caches, the
+    deconvolution shards and the fixed rules. Simulated truth orbits and catalog regions are
+    known only later (and counted again then)."""
+    o, n_part = config["orbits"], config["partitions"]
+    listed = 0
+    if o["source"] == "grid":
+        listed = o["grid"]["n"]
+    elif o["source"] == "file" and o["path"]:
+        listed = orbit_file_rows(repo_path(o["path"]))
+    n_chunks = max(1, -(-(listed + n_random_orbits()) // o["chunk_size"]))
+    n_ranges = -(-n_chunks // o["chunks_per_job"])
+    others = 5 + (config["survey"]["source"] == "simulate")
+    if config["catalog"]["enabled"]:
+        others += 5  # detect_sources, plan_regions, fit_region (at least one), merge_catalog, star_mask
+    if config["deconvolve"]["enabled"]:
+        others += 2 + (
+            1
+            if config["deconvolve"]["mode"] == "lowrank"
+            else config["deconvolve"]["shards"]
+        )
+    total = n_ranges * (n_part + 1) + n_part + others
+    return total, n_ranges, others
+
+
+def too_many_jobs(total, what):
+    """The refusal of a run that would make more than max_jobs jobs."""
+    o = config["orbits"]
+    return WorkflowError(
+        f"config: this run would make at least {total:,} jobs ({what}), more than "
+        f"max_jobs: {config['max_jobs']}. Cut the work into fewer, larger jobs: raise "
+        f"orbits.chunk_size (now {o['chunk_size']}) or orbits.chunks_per_job (now "
+        f"{o['chunks_per_job']}), use fewer partitions (now {config['partitions']}), or "
+        f"search fewer orbits (orbits.n_random: {n_random_orbits()}); or raise max_jobs "
+        f"if the machine or cluster takes that many jobs."
+    )
+
+
+def check_job_count():
+    total, n_ranges, others = planned_jobs()
+    if total > config["max_jobs"]:
+        n_part = config["partitions"]
+        raise too_many_jobs(
+            total,
+            f"{n_ranges:,} orbit chunk ranges x ({n_part} partitions + 1) search jobs, "
+            f"{n_part} tile caches, {others} others",
+        )
+
+
 EXPERIMENT = config["experiment"]
 RESULTS = Path(config["results_dir"]) / EXPERIMENT
 CACHE = Path(config["cache_dir"]) / EXPERIMENT
@@ -61,6 +142,9 @@ for _section in ("catalog", "orbits"):
 for _key in ("stamps_path", "psfs_path"):
     if config["deconvolve"][_key]:
         config["deconvolve"][_key] = repo_path(config["deconvolve"][_key])
+
+# Refused here, before any job is built: Snakemake needs memory and time per job.
+check_job_count()
 
 # envs/*.yaml install skystack from here (Snakemake hands conda a copy of each env file, so a
 # path relative to the file would point into .snakemake/).
@@ -132,13 +216,44 @@ def cache_file(partition):
     return str(CACHE / f"partition_{partition}.tiles")
 
 
+_SURVEY_FILES = {}
+
+
+def survey_files():
+    """survey.paths resolved once, by the workflow itself (not by Snakemake's input checks):
+    (the files, [[path, problem], ...] of the matched paths that are no readable file: dangling
+    symbolic links, link loops, directories)."""
+    if "resolved" not in _SURVEY_FILES:
+        from skystack.survey.index import survey_files as resolve
+
+        files, refused = resolve(config["survey"]["paths"])
+        _SURVEY_FILES["resolved"] = files, [[p, why] for p, why in refused]
+    return _SURVEY_FILES["resolved"]
+
+
 def survey_inputs():
-    """The survey the index reads: the simulated images, or the configured files."""
+    """The survey the index reads: the simulated images, or the configured files. Matched
+    paths that are no readable file stop the run here, named (on_bad_image: error), or are
+    left out and recorded in rejected_images.parquet (skip)."""
     if config["survey"]["source"] == "simulate":
         return {"images": result("survey", "images")}
-    from skystack.survey.index import expand_paths
+    files, refused = survey_files()
+    if refused and config["survey"]["on_bad_image"] == "error":
+        named = "; ".join(f"{p}: {why}" for p, why in refused[:10])
+        more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
+        raise WorkflowError(
+            f"survey.paths: {len(refused)} matched path(s) are no readable file: {named}{more}. "
+            "Fix or remove them, or set survey.on_bad_image: skip to leave them out (they are "
+            "then recorded in rejected_images.parquet)."
+        )
+    return {"files": files}
 
-    return {"files": expand_paths(config["survey"]["paths"])}
+
+def survey_refused(wildcards):
+    """The matched survey paths that are left out (on_bad_image: skip), for the index's record."""
+    if config["survey"]["source"] == "simulate":
+        return []
+    return survey_files()[1]
 
 
 def all_targets():
@@ -182,6 +297,12 @@ def combined_chunks(wildcards):
 
     with open(checkpoints.plan_orbits.get().output.plan) as fh:
         n_jobs = json.load(fh)["n_chunk_ranges"]
+    n_part = config["partitions"]
+    if n_jobs * (n_part + 1) > config["max_jobs"]:  # the simulated truth is counted now
+        raise too_many_jobs(
+            n_jobs * (n_part + 1),
+            f"{n_jobs:,} orbit chunk ranges of the plan x ({n_part} partitions + 1)",
+        )
     return [result("search", "combined", f"chunk{c}.parquet") for c in range(n_jobs)]
 
 
@@ -224,6 +345,12 @@ def region_catalogs(wildcards):
 
     with open(checkpoints.plan_regions.get().output.plan) as fh:
         n_regions = json.load(fh)["n_regions"]
+    if n_regions > config["max_jobs"]:
+        raise WorkflowError(
+            f"config: the catalog would make {n_regions:,} fit_region jobs, more than max_jobs: "
+            f"{config['max_jobs']}. Raise catalog.max_sources_per_region (now "
+            f"{config['catalog']['max_sources_per_region']}), or raise max_jobs."
+        )
     return [
         result("catalog", "regions", f"region_{r}.parquet") for r in range(n_regions)
     ]

@@ -41,5 +41,6 @@ rule index_survey:
         ccd_tables=config["survey"]["ccd_tables"],
         on_bad_image=config["survey"]["on_bad_image"],
         partitions=config["partitions"],
+        refused=survey_refused,
     script:
         "../scripts/index_survey.py"

@@ -11,4 +11,5 @@ else:
 params = snakemake.params
 index_stage(paths, snakemake.output.images, snakemake.output.rejected, site=params.site,
             on_bad_image=params.on_bad_image, n_partitions=params.partitions, log=log,
-            sites=params.sites, conventions=params.conventions, ccd_tables=params.ccd_tables)
+            sites=params.sites, conventions=params.conventions, ccd_tables=params.ccd_tables,
+            refused=params.refused)

@@ -63,7 +63,9 @@ def _read_yaml(path) -> dict:
 
 def load_config(*paths) -> dict:
     """Merge the YAML files in order (later wins, key by key at every depth, as Snakemake merges
-    its ``configfile:`` and ``--configfile`` files), validate, fill defaults."""
+    ``--configfile`` files), validate, fill defaults: the config the workflow runs with for
+    ``snakemake --configfile PATHS...`` (nothing is merged under the files but the schema's
+    defaults)."""
     config: dict = {}
     for path in paths:
         loaded = _read_yaml(path)

@@ -1,12 +1,16 @@
 """Atomic file output and the documented table schemas.
 
 Every output is written to a temporary name beside its final path and renamed into
-place when complete, so a killed job never leaves a finished-looking file.
+place when complete, so a killed job never leaves a finished-looking file. The temporary
+name is ``.<name>.<8 random characters>.tmp<suffixes>`` (the tile cache adds ``.body``);
+a job killed by SIGKILL cannot remove it, so the next writer of the same output does.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +18,45 @@ from pathlib import Path
 import pandas as pd
 
 
+def temporary_name_pattern(path) -> re.Pattern:
+    """The names ``atomic_path`` gives the temporary files of ``path`` (and what writers add to
+    them, such as the tile cache's ``.body``): ``.<name>.<8 characters of mkstemp>.tmp...``."""
+    return re.compile(rf"\.{re.escape(Path(path).name)}\.[a-z0-9_]{{8}}\.tmp(\..*)?")
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Remove the temporary files (or directories) that killed writers of ``path`` left beside
+    it, and return them. Only one job writes an output at a time (Snakemake's rule), so every
+    such file is stale when its output is written again."""
+    path = Path(path)
+    pattern = temporary_name_pattern(path)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        stale = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str | None = None):
     """Yield a temporary path next to ``path``; rename it to ``path`` on success.
 
     On an exception the temporary file (or directory) is removed and nothing
-    appears at ``path``.
+    appears at ``path``. Temporary files of ``path`` left by killed writers are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     suffix = suffix if suffix is not None else "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
@@ -32,8 +66,6 @@ def atomic_path(path, suffix: str | None = None):
         os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.unlink(tmp)

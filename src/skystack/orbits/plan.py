@@ -1,8 +1,13 @@
 """The orbit plan: which orbits a search tries, cut into chunks that any job can rebuild.
 
-Listed orbits (simulated truth, a grid, a user's file) take ids 0..L-1; random orbits
-follow with ids L..L+R-1, each generated from (seed, id) alone (``orbits.population``).
-Chunk c holds ids [c S, (c+1) S); a search job takes a range of ``chunks_per_job`` chunks.
+The plan lists its orbits in order: the listed ones (simulated truth, a grid, a user's file)
+at positions 0..L-1, then the random ones at L..L+R-1. Chunk c holds positions [c S, (c+1) S);
+a search job takes a range of ``chunks_per_job`` chunks.
+
+Orbit ids are the position, except that an orbit file's own ``orbit_id`` column is kept (so
+detections, light curves and figures carry the user's ids), and random orbits then take the ids
+after the largest listed one (``first_random_id``), so that no two orbits share an id. Each
+random orbit is generated from (seed, its id) alone (``orbits.population``).
 """
 from __future__ import annotations
 
@@ -13,13 +18,26 @@ from .grid import grid_around
 from .population import population
 from .table import ELEMENT_COLUMNS, load_known_objects, load_orbits, validate_orbits
 
+#: Random orbits when ``orbits.n_random`` is null (its default) and ``orbits.source`` is random.
+DEFAULT_N_RANDOM = 2000
+
+
+def n_random_of(orbit_cfg: dict) -> int:
+    """``orbits.n_random``, or its default for the source when null: random orbits are added to a
+    grid, a file or the truth only when asked for."""
+    n = orbit_cfg.get("n_random")
+    if n is None:
+        return DEFAULT_N_RANDOM if orbit_cfg["source"] == "random" else 0
+    return int(n)
+
 
 def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_path=None):
     """The listed orbits (simulated truth, grid, file) and the plan of chunks.
 
     Returns ``(listed, plan)``: ``listed`` is an orbit table with ``name`` and ``listed_as``
-    ("truth", "grid" or "file"); ``plan`` a JSON-able dict (seed, preset, reference
-    elements, counts, chunk size, chunks per job, number of chunks and of chunk ranges).
+    ("truth", "grid" or "file"), in plan order; ``plan`` a JSON-able dict (seed, preset,
+    reference elements, counts, chunk size, chunks per job, number of chunks and of chunk
+    ranges, the first random orbit id, and whether every id is its position).
     """
 
     known = load_known_objects(known_path).set_index("name")
@@ -37,45 +55,87 @@ def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_pa
         frac = np.linspace(g["a_frac_min"], g["a_frac_max"], g["n"])
         grid = grid_around(reference, frac, name=ref_name)
         parts.append(grid[ELEMENT_COLUMNS + ["name"]].assign(listed_as="grid"))
+    offset = 0
+    for part in parts:  # truth and grid orbits: their position is their id
+        part.insert(0, "orbit_id", np.arange(offset, offset + len(part), dtype=np.int64))
+        offset += len(part)
     if source == "file":
-        user = load_orbits(file_path)
-        parts.append(user[ELEMENT_COLUMNS].assign(name=user["name"].astype(str) if "name" in user else "", listed_as="file"))
+        # The file's own orbit_id (rows without one are numbered after the truth's).
+        user = load_orbits(file_path, number_from=offset)
+        names = user["name"].astype(str) if "name" in user else ""
+        parts.append(user[["orbit_id", *ELEMENT_COLUMNS]].assign(name=names, listed_as="file"))
     # An empty listed table still has float64 elements: random rows concatenated to it in
     # orbits_for_ids keep their dtype (object columns otherwise).
-    empty = pd.DataFrame({**{c: pd.Series(dtype="float64") for c in ELEMENT_COLUMNS},
+    empty = pd.DataFrame({"orbit_id": pd.Series(dtype="int64"), **{c: pd.Series(dtype="float64") for c in ELEMENT_COLUMNS},
                           "name": pd.Series(dtype=object), "listed_as": pd.Series(dtype=object)})
     listed = pd.concat(parts, ignore_index=True) if parts else empty
-    listed.insert(0, "orbit_id", np.arange(len(listed), dtype=np.int64))
     if len(listed):
-        validate_orbits(listed, source=str(file_path or "listed orbits"))
-    n_random = int(orbit_cfg["n_random"])  # random orbits follow whatever is listed
+        shared = listed["orbit_id"].duplicated(keep=False) & (listed["listed_as"] == "file")
+        if shared.any():
+            oid = int(listed.loc[shared, "orbit_id"].iloc[0])
+            raise ValueError(f"{file_path}: orbit_id {oid} is also the id of a simulated (truth) orbit: with "
+                             f"orbits.include_truth the {offset} truth orbits take ids 0..{offset - 1}; give the "
+                             f"file's orbits other ids (or none, to number them after the truth), or set "
+                             f"orbits.include_truth: false")
+        listed = validate_orbits(listed, source=str(file_path or "listed orbits"))
+    n_random = n_random_of(orbit_cfg)  # random orbits follow whatever is listed
     n_total = len(listed) + n_random
     size, per_job = int(orbit_cfg["chunk_size"]), int(orbit_cfg["chunks_per_job"])
     n_chunks = max(1, -(-n_total // size))
+    first_random = max(len(listed), int(listed["orbit_id"].max()) + 1 if len(listed) else 0)
     plan = {
         "seed": int(seed), "preset": orbit_cfg["preset"], "reference": reference, "reference_name": ref_name,
         "focused_sigma": dict(orbit_cfg["focused_sigma"]), "n_listed": len(listed), "n_random": n_random,
         "n_total": n_total, "chunk_size": size, "chunks_per_job": per_job, "n_chunks": n_chunks,
-        "n_chunk_ranges": -(-n_chunks // per_job),
+        "n_chunk_ranges": -(-n_chunks // per_job), "first_random_id": first_random,
+        "ids_are_positions": bool(first_random == len(listed)
+                                  and np.array_equal(listed["orbit_id"].to_numpy(), np.arange(len(listed)))),
     }
     return listed, plan
 
 
+def _first_random_id(plan: dict) -> int:
+    return int(plan.get("first_random_id", plan["n_listed"]))  # plans written before the key: n_listed
+
+
+def orbit_ids_at(plan: dict, listed: pd.DataFrame, positions) -> np.ndarray:
+    """The orbit ids at the given plan positions (positions outside the plan are dropped)."""
+    pos = np.asarray(positions, dtype=np.int64)
+    pos = pos[(pos >= 0) & (pos < plan["n_total"])]
+    n_listed = plan["n_listed"]
+    ids = pos + (_first_random_id(plan) - n_listed)
+    at_listed = pos < n_listed
+    ids[at_listed] = listed["orbit_id"].to_numpy(dtype=np.int64)[pos[at_listed]]
+    return ids
+
+
 def orbits_for_ids(plan: dict, listed: pd.DataFrame, ids) -> pd.DataFrame:
-    """Rebuild the orbits with the given ids from the plan (listed rows, then random ones)."""
+    """Rebuild the orbits with the given ids from the plan: the listed rows (in the order asked),
+    then the random ones; ids of no orbit of the plan are dropped."""
 
     ids = np.asarray(ids, dtype=np.int64)
-    ids = ids[(ids >= 0) & (ids < plan["n_total"])]
-    listed_ids = ids[ids < plan["n_listed"]]
-    random_ids = ids[ids >= plan["n_listed"]]
-    parts = [listed.set_index("orbit_id").loc[listed_ids].reset_index()[["orbit_id"] + ELEMENT_COLUMNS]]
+    is_listed = np.isin(ids, listed["orbit_id"].to_numpy(dtype=np.int64))
+    first = _first_random_id(plan)
+    random_ids = ids[~is_listed & (ids >= first) & (ids < first + plan["n_total"] - plan["n_listed"])]
+    parts = [listed.set_index("orbit_id").loc[ids[is_listed]].reset_index()[["orbit_id"] + ELEMENT_COLUMNS]]
     if len(random_ids):
         parts.append(population(plan["preset"], random_ids, plan["seed"], plan["reference"], plan["focused_sigma"]))
     return pd.concat(parts, ignore_index=True)
 
 
-def chunk_range_ids(plan: dict, chunk_range: int) -> np.ndarray:
-    """Orbit ids of one search job's chunk range."""
+def chunk_range_positions(plan: dict, chunk_range: int) -> np.ndarray:
+    """Plan positions of one search job's chunk range."""
     size, per_job = plan["chunk_size"], plan["chunks_per_job"]
     start = chunk_range * per_job * size
     return np.arange(start, min(start + per_job * size, plan["n_total"]), dtype=np.int64)
+
+
+def chunk_range_ids(plan: dict, chunk_range: int, listed: pd.DataFrame | None = None) -> np.ndarray:
+    """Orbit ids of one search job's chunk range. ``listed`` (the plan's listed orbits) is needed
+    when an orbit file brought its own ids; without it the positions are the ids."""
+    positions = chunk_range_positions(plan, chunk_range)
+    if listed is None:
+        if not plan.get("ids_are_positions", True):
+            raise ValueError("chunk_range_ids: the orbit file brought its own ids; pass the listed orbits")
+        return positions
+    return orbit_ids_at(plan, listed, positions)

@@ -88,14 +88,14 @@ def validate_orbits(df: pd.DataFrame, source: str = "orbits") -> pd.DataFrame:
     return out
 
 
-def load_orbits(path) -> pd.DataFrame:
+def load_orbits(path, number_from: int = 0) -> pd.DataFrame:
     """Read an orbit table from CSV or parquet and validate it.
 
     Parameters
     ----------
     path : str or Path
-        ``.csv`` or ``.parquet`` file with ELEMENT_COLUMNS (and ``orbit_id``; without it the
-        rows are numbered from 0).
+        ``.csv`` or ``.parquet`` file with ELEMENT_COLUMNS (and ``orbit_id``, integers >= 0,
+        which are kept; without it the rows are numbered from ``number_from``).
 
     Returns
     -------
@@ -117,8 +117,13 @@ def load_orbits(path) -> pd.DataFrame:
     if df.empty:
         raise ValueError(f"{path}: orbit file has no orbit rows (columns: {', '.join(map(str, df.columns))})")
     if "orbit_id" not in df.columns:
-        df.insert(0, "orbit_id", np.arange(len(df), dtype=np.int64))
-    return validate_orbits(df, source=str(path))
+        df.insert(0, "orbit_id", np.arange(number_from, number_from + len(df), dtype=np.int64))
+    out = validate_orbits(df, source=str(path))
+    if (out["orbit_id"] < 0).any():
+        row = int(np.flatnonzero(out["orbit_id"].to_numpy() < 0)[0])
+        raise ValueError(f"{path}: row {row}: orbit_id {int(out['orbit_id'].iloc[row])} is negative (ids are "
+                         "integers >= 0)")
+    return out
 
 
 def load_known_objects(path) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""What a finished run produced: ``python -m skystack.report.summary --configfile config/config.yaml``."""
+"""What a finished run produced: ``python -m skystack.report.summary --configfile config/experiments/demo.yaml``."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.config import load_config
+
+#: The demo experiment (``make run``; the workflow's config when no --configfile is given).
+DEMO_CONFIG = Path("config") / "experiments" / "demo.yaml"
 
 
 def _rel(path: Path) -> str:
@@ -63,14 +66,12 @@ def report_path(config: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--configfile", nargs="+", default=["config/config.yaml"])
+    parser.add_argument("--configfile", nargs="+", default=[str(DEMO_CONFIG)],
+                        help="the run's config files, as given to snakemake (default: the demo)")
     parser.add_argument("--report-path", action="store_true", help="print only where the HTML report goes")
     args = parser.parse_args(argv)
-    # As the workflow sees it: its own config/config.yaml first (the Snakefile's configfile:),
-    # then the --configfile files on top.
-    default = Path("config/config.yaml")
-    files = [Path(p) for p in args.configfile]
-    config = load_config(*([default] if default.exists() and default not in files else []), *files)
+    # As the workflow sees it: the schema's defaults under the --configfile files, nothing else.
+    config = load_config(*args.configfile)
     if args.report_path:
         print(report_path(config))
         return 0

@@ -66,9 +66,9 @@ def shard_stage(images_path, cache_path, listed_path, plan_path, chunk_range: in
     if local != cache_path:
         log.info("tile cache staged to %s (once for all chunks of this job)", local)
     cache = TileCache.open(local)
-    ids = chunk_range_ids(plan, chunk_range)
-    log.info("chunk range %d (orbits %d..%d) x partition %d (%d %s images)", chunk_range, ids[:1].sum(),
-             ids[-1:].sum(), partition, len(images), image_kind)
+    ids = chunk_range_ids(plan, chunk_range, listed)
+    log.info("chunk range %d (%d orbits, ids %d..%d) x partition %d (%d %s images)", chunk_range, len(ids),
+             ids[:1].sum(), ids[-1:].sum(), partition, len(images), image_kind)
     parts, size, steps = [], plan["chunk_size"], {}
     t0 = time.time()
     prepared = prepare_images(images) if len(images) else None  # headers parsed once for every chunk

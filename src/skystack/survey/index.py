@@ -14,10 +14,12 @@ nanomaggy), while time and site stay required here because the search needs them
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import logging
 import os
+import stat
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,7 +52,9 @@ log = logging.getLogger(__name__)
 
 
 def expand_paths(patterns) -> list[str]:
-    """Expand globs into a sorted, de-duplicated list of files; error when one matches nothing."""
+    """Expand globs into a sorted, de-duplicated list of paths; error when one matches nothing.
+    The paths may include links that lead nowhere (glob lists them): ``survey_files`` sorts
+    those out."""
     out = []
     for pattern in patterns:
         hits = sorted(glob.glob(os.path.expandvars(os.path.expanduser(pattern))))
@@ -58,6 +62,40 @@ def expand_paths(patterns) -> list[str]:
             raise FileNotFoundError(f"survey path pattern matches no file: {pattern}")
         out.extend(hits)
     return sorted(dict.fromkeys(out))
+
+
+def path_problem(path) -> str | None:
+    """Why a path that a survey glob matched cannot be read as a file, or None: a dangling
+    symbolic link, a symbolic link loop, a directory, or a file that cannot be read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        target = os.readlink(path) if os.path.islink(path) else None
+        if target is not None:
+            return f"dangling symbolic link (to {target}, which does not exist)"
+        return "no such file (removed since the glob matched it)"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (following its links leads back to it)"
+        return f"cannot be read ({err.strerror or err})"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not a FITS file"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
+def survey_files(patterns) -> tuple[list[str], list[tuple[str, str]]]:
+    """``survey.paths`` resolved: (the files, [(path, problem), ...] for the matched paths that
+    are no readable file, by ``path_problem``)."""
+    files, refused = [], []
+    for path in expand_paths(patterns):
+        problem = path_problem(path)
+        if problem:
+            refused.append((path, problem))
+        else:
+            files.append(path)
+    return files, refused
 
 
 # ----------------------------------------------------------------------------- context
@@ -526,7 +564,7 @@ def _file_header(path):
 
 
 def index_survey(paths, site=None, on_bad_image: str = "error", progress=None, *, sites=None, conventions=None,
-                 ccd_tables=None):
+                 ccd_tables=None, refused=()):
     """Index images, deciding what to do with bad ones.
 
     Parameters
@@ -543,6 +581,9 @@ def index_survey(paths, site=None, on_bad_image: str = "error", progress=None, *
         Called with a message every few hundred files.
     sites, conventions, ccd_tables
         The config's ``survey.sites``, ``survey.conventions``, ``survey.ccd_tables``.
+    refused : iterable of (path, problem)
+        Paths the survey globs matched that are no readable file (``survey_files``): refused
+        like bad images (an error, or recorded under ``skip``).
 
     Returns
     -------
@@ -560,6 +601,7 @@ def index_survey(paths, site=None, on_bad_image: str = "error", progress=None, *
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"survey.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     ctx = make_context(site, sites, conventions, ccd_tables)
+    refused = [(str(path), str(problem)) for path, problem in refused]
     records, rejected, seen = [], [], {}
     files = sorted(dict.fromkeys(map(str, paths)))
     # Which files are weight maps or masks, and which image each image's aux files are.
@@ -582,6 +624,8 @@ def index_survey(paths, site=None, on_bad_image: str = "error", progress=None, *
             raise err
         rejected.append((path, hdu, err.problem, err.kind))
 
+    for path, problem in refused:
+        refuse(str(path), -1, BadImageError(path, None, problem))
     for k, path in enumerate(files, 1):
         if path in aux_files:
             continue
@@ -619,7 +663,7 @@ def index_survey(paths, site=None, on_bad_image: str = "error", progress=None, *
     rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS).astype({"hdu": "int64"})
     if not records:
         first = f"; first: {rejected[0][0]} [HDU {rejected[0][1]}]: {rejected[0][2]}" if rejected else ""
-        raise NoUsableImageError(f"no usable image among {len(files)} file(s)"
+        raise NoUsableImageError(f"no usable image among {len(files) + len(refused)} file(s)"
                                  + (f": {reason_counts(rejected_df)}" if rejected else "") + first, rejected_df)
     return _finish_index(pd.DataFrame.from_records(records)), rejected_df
 

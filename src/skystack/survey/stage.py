@@ -32,24 +32,34 @@ def select_images(index: pd.DataFrame, kind: str, band: str | None = None) -> pd
 
 
 def index_stage(paths, images_out, rejected_out, *, site, on_bad_image: str, n_partitions: int,
-                log: logging.Logger, sites=None, conventions=None, ccd_tables=None) -> pd.DataFrame:
+                log: logging.Logger, sites=None, conventions=None, ccd_tables=None, refused=()) -> pd.DataFrame:
     """``index_survey``: images.parquet (with partitions) and rejected_images.parquet.
 
     rejected_images.parquet is written even when no image is usable, before the error.
     ``sites``, ``conventions``, ``ccd_tables``: the config's survey.sites,
-    survey.conventions and survey.ccd_tables.
+    survey.conventions and survey.ccd_tables; ``refused``: (path, problem) of the matched
+    survey paths that are no readable file (dangling links, link loops). More partitions than
+    indexed images are refused: a partition holds one tile cache and a search job per chunk
+    range, and an empty one is work for nothing.
     """
     log.info("indexing %d files (on_bad_image=%s, %d CCD table(s), %d extra convention(s), %d extra site(s))",
              len(paths), on_bad_image, len(ccd_tables or []), len(conventions or []), len(sites or {}))
     try:
         images, rejected = index_survey(paths, site=site, on_bad_image=on_bad_image, progress=log.info,
-                                        sites=sites, conventions=conventions, ccd_tables=ccd_tables)
+                                        sites=sites, conventions=conventions, ccd_tables=ccd_tables,
+                                        refused=refused)
     except NoUsableImageError as err:
         write_parquet(err.rejected, rejected_out)
         for _, r in err.rejected.iterrows():
             log.warning("left out %s [HDU %d]: %s", r["path"], r["hdu"], r["reason"])
         log.error("%s", err)
         raise
+    if n_partitions > len(images):
+        message = (f"partitions: {n_partitions} is more than the {len(images)} indexed images (each partition "
+                   f"is one tile cache and one search job per orbit chunk range); set partitions to at most "
+                   f"{len(images)}")
+        log.error("%s", message)
+        raise ValueError(message)
     images["partition"] = assign_partitions(images, n_partitions)
     write_parquet(rejected, rejected_out)
     write_parquet(images, images_out, schema=IMAGES)
