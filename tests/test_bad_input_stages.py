@@ -187,3 +187,27 @@ def test_catalog_stages_on_a_survey_without_science_images(tiny_run, tmp_path):
     assert len(cat) == 0 and (tmp_path / "catalog.fits").exists()
     star_mask_stage(tmp_path / "catalog.parquet", tmp_path / "stars.parquet", mag_limit=16.0, log=log)
     assert len(pd.read_parquet(tmp_path / "stars.parquet")) == 0
+
+
+def test_a_chunk_range_without_orbits_gives_empty_partials(tiny_run, tmp_path):
+    """A chunk range that holds no orbit of the plan writes an empty table with its columns
+    (pandas' "No objects to concatenate" before)."""
+    import json
+    import logging
+
+    from skystack.search.stage import shard_stage
+
+    res = tiny_run / "results" / "tiny"
+    plan = json.loads((res / "search" / "plan.json").read_text())
+    images = pd.read_parquet(res / "images.parquet")
+    images["path"] = [str(tiny_run / p) for p in images["path"]]
+    index = tmp_path / "images.parquet"
+    images.to_parquet(index)
+    out = tmp_path / "partials.parquet"
+    beyond = 10 ** 6  # far past the plan's last range
+    shard_stage(index, tiny_run / "cache" / "tiny" / "partition_0.tiles", res / "search" / "orbits_listed.parquet",
+                res / "search" / "plan.json", beyond, 0, out, image_kind="difference", smoothing_sigma_px=0.0,
+                max_batch_mb=64, staging_dir=None, log=logging.getLogger("test"))
+    partials = pd.read_parquet(out)
+    assert partials.empty and list(partials.columns) == PARTIAL_COLUMNS
+    assert plan["n_total"] > 0

@@ -163,8 +163,8 @@ def test_tiled_matched_filter_finds_the_same_peaks():
     """The matched filter run on 100-px tiles (as large unions are) finds the peaks of the
     single-grid run; peaks on tile borders are neither lost nor doubled."""
     images, _ = _field("gaussian", 64, 2026)
-    whole, _ = matched_filter_search(images)
-    tiled, _ = matched_filter_search(images, tile_px=100)
+    whole, _, _ = matched_filter_search(images)
+    tiled, _, _ = matched_filter_search(images, tile_px=100)
     assert len(whole) > 40
     assert list(tiled.columns) == list(whole.columns)
     for a, b in ((whole, tiled), (tiled, whole)):

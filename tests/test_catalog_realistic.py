@@ -159,7 +159,6 @@ def test_results_do_not_depend_on_how_the_field_is_cut():
     one = fit_all_regions(cands, images, max_sources_per_region=256)
     cut = fit_all_regions(cands, images, max_sources_per_region=12)
     assert cut["region"].nunique() >= 4
-    key = lambda c: c.assign(k=np.round(c["ra"], 4).astype(str) + np.round(c["dec"], 4).astype(str))  # noqa: E731
     one = one.sort_values(["dec", "ra"]).reset_index(drop=True)
     cut = cut.sort_values(["dec", "ra"]).reset_index(drop=True)
     centre_ra, centre_dec = truth["ra"].median(), truth["dec"].median()
@@ -172,4 +171,3 @@ def test_results_do_not_depend_on_how_the_field_is_cut():
         cosd = np.cos(np.radians(one["dec"])) if col == "ra" else 1.0
         diff = (cut[col] - one[col]).abs() * scale * cosd / one[sd]
         assert diff[inner].max() < 0.1, (col, diff[inner].max())
-    del key

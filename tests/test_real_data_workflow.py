@@ -10,7 +10,9 @@ data's README, "Expected results stated by legacypipe's own tests"): a point sou
 (244.77828, 12.07250) and a DEV/SER galaxy at (244.77973, 12.07234). The galaxy is found
 and typed a galaxy. The point source (per-image SNR about 10, 5 arcsec from a galaxy 40 times
 brighter) is not: sep's CLEAN step (SExtractor's default) merges it into the galaxy's
-isophote on every epoch. That is a known limitation, left unasserted here.
+isophote on every epoch, and in the joint matched-filter map it is a shoulder of the galaxy's
+response, not a peak of its own (finding it needs a detection pass on the fit's residuals).
+That is a known limitation, asserted below so that a fix shows.
 """
 import glob
 import math

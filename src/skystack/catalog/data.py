@@ -54,6 +54,7 @@ class ImageData:
         hold their sky
     noise_includes_sources : ``noise_var`` already holds the sources' shot noise (variance
         planes of LSST/HSC and Pan-STARRS); otherwise the Gaussian likelihood adds it at 1/gain
+    mjd : mid-exposure time (MJD; NaN when unknown), which tells detection the epochs apart
     """
 
     pixels: np.ndarray
@@ -70,6 +71,7 @@ class ImageData:
     saturated: np.ndarray | None = None
     read_noise_var: float = 0.0
     noise_includes_sources: bool = False
+    mjd: float = float("nan")
     _psf_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -91,7 +93,7 @@ class ImageData:
         sky, noise2, gain = float(row["sky_level"]), float(row["noise_sigma"]) ** 2, float(row["gain"])
         common = dict(band=str(row["band"]), magzp=float(row["magzp"]), wcs_header=row["wcs_header"],
                       psf=psf_image if psf_image is not None else float(row["psf_sigma_px"]), gain=gain,
-                      image_id=int(row.get("image_id", 0)))
+                      image_id=int(row.get("image_id", 0)), mjd=float(row.get("mjd_mid_utc", np.nan)))
         poisson_like = (not diff and sky > 0 and gain > 0 and np.isfinite(noise2)
                         and 0.5 * noise2 <= sky / gain <= 2.0 * noise2)
         if poisson_like:
@@ -156,6 +158,20 @@ class ImageData:
             mix = fit_psf_image(np.asarray(spec), self.psf_components)
         self._psf_cache[key] = mix
         return mix
+
+    def psf_r50_px(self) -> float:
+        """Half-light radius (px) of the PSF at the image centre: the radius holding half of the
+        circularised mixture's light (for a Gaussian 1.1774 sigma; a Moffat's wings make its
+        second moment large but not its half-light radius)."""
+        ny, nx = self.shape
+        mix = self.psf_at((nx - 1) / 2, (ny - 1) / 2)
+        var = np.trace(mix.cov_px2, axis1=1, axis2=2) / 2.0
+        enclosed = lambda r: float(np.sum(mix.amp * -np.expm1(-r * r / (2 * var))))  # noqa: E731
+        lo, hi = 0.0, 10.0 * float(np.sqrt(var.max()))
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if enclosed(mid) < 0.5 * mix.amp.sum() else (lo, mid)
+        return 0.5 * (lo + hi)
 
     def psf_sigma_px(self) -> float:
         """Effective Gaussian sigma of the PSF at the image centre (px, pixel response included)."""

@@ -40,7 +40,6 @@ from .data import ImageData, pixel_to_sky, sky_to_pixel_jacobian
 from .priors import MAG_TO_LN, NMGY_ZERO_MAG, color_names, sort_bands
 from .psf import PsfMixture, mixture_image
 
-GAUSS_R50_PER_SIGMA = 1.1774  # half-light radius of a circular Gaussian, in sigmas
 KRON_FACTOR = 2.5
 MIN_KRON_RADIUS = 3.5
 
@@ -308,7 +307,7 @@ def image_detections(image: ImageData, thresh_sigma: float = 3.0, **kw) -> pd.Da
     _, jac = sky_to_pixel_jacobian(image.wcs, ra, dec)
     inv = np.linalg.inv(jac)                          # arcsec per px
     scale = np.sqrt(np.abs(np.linalg.det(inv)))
-    psf_r50 = GAUSS_R50_PER_SIGMA * image.psf_sigma_px()
+    psf_r50 = image.psf_r50_px()
     cpn = image.counts_per_nmgy
     # Major-axis direction on the sky (east, north) -> angle from east towards north.
     vec = np.einsum("nij,nj->ni", inv, np.stack([np.cos(det["theta"]), np.sin(det["theta"])], -1))
@@ -438,6 +437,30 @@ def merge_detections(det: pd.DataFrame, bands, match_radius_arcsec: float = 1.5,
 #: 5.0: 1.75 / 0.64 / 0.24 / 0.07 / 0.02. 4.5 keeps noise peaks below 1 per 10^4 beams with a
 #: margin of 4.
 MF_SNR_THRESHOLD = 4.5
+#: Noise peaks allowed over a whole detection (all tiles): where the images cover so many beams
+#: that ``MF_SNR_THRESHOLD`` would let more through, the threshold is raised
+#: (``survey_threshold``), as a search over many trials must be.
+MF_MAX_NOISE_PEAKS = 1.0
+#: Noise peaks per beam at ``MF_SNR_THRESHOLD`` (measured, above).
+MF_NOISE_PEAKS_PER_BEAM = 0.24e-4
+
+
+def survey_threshold(n_beams: float, snr_threshold: float = MF_SNR_THRESHOLD) -> float:
+    """The smallest threshold, at least ``snr_threshold``, at which ``n_beams`` beams of pure
+    noise give at most ``MF_MAX_NOISE_PEAKS`` peaks. The rate scales from the measured
+    ``MF_NOISE_PEAKS_PER_BEAM`` at ``MF_SNR_THRESHOLD`` as the density of maxima of a smooth
+    Gaussian field above t does in 2-d: ``(t^2 - 1) exp(-t^2 / 2)``."""
+    t0 = MF_SNR_THRESHOLD
+
+    def expected(t):
+        return n_beams * MF_NOISE_PEAKS_PER_BEAM * (t * t - 1) / (t0 * t0 - 1) * np.exp(-(t * t - t0 * t0) / 2)
+
+    t = float(snr_threshold)
+    while expected(t) > MF_MAX_NOISE_PEAKS and t < 20.0:
+        t += 0.01
+    return round(t, 2)
+
+
 #: A peak covered by 3 or more images must keep this fraction of the threshold without the
 #: image that contributes most to it (a cosmic ray, an asteroid or a bad pixel in one image).
 MF_LEAVE_ONE_OUT_FRAC = 0.5
@@ -565,6 +588,9 @@ class MatchedFilterMaps:
         on each grid pixel and ``1 / sqrt(b)`` its error
     a_max, b_max : the largest single-image ``a`` at each pixel and that image's ``b``
     n_images : images that cover each pixel
+    e_max, eb_max, n_epochs : the same for epochs (images whose mid-times are within
+        ``EPOCH_GAP_DAYS`` of each other: one night), and the epochs that cover each pixel; a
+        moving object (an asteroid in several exposures of a night) is one epoch's light
     fwhm_px : median PSF FWHM, in grid pixels
     veto : grid pixels within ``MF_SATURATION_VETO_FWHM`` PSF FWHMs of a saturated source's
         masked region in some image, where no peak is taken (None: nowhere): the matched filter
@@ -587,22 +613,40 @@ class MatchedFilterMaps:
     snr_offset: float = 0.0
     snr_scale: float = 1.0
     veto: np.ndarray | None = None
+    e_max: np.ndarray | None = None
+    eb_max: np.ndarray | None = None
+    n_epochs: np.ndarray | None = None
 
     def combined(self) -> tuple[np.ndarray, np.ndarray]:
         """``a`` and ``b`` summed over bands: a flat-SED (equal nanomaggies) detection."""
         return sum(self.a.values()), sum(self.b.values())
 
-    def snr_at(self, ra_deg, dec_deg) -> np.ndarray:
-        """``snr`` interpolated (bilinearly) at sky positions (0 off the grid)."""
+    def snr_at(self, ra_deg, dec_deg, snr_threshold: float | None = None, min_images: int = 1) -> np.ndarray:
+        """``snr`` interpolated (bilinearly) at sky positions (0 off the grid, where vetoed, and
+        where two or more epochs cover the position but without its strongest epoch the SNR
+        falls below ``MF_LEAVE_ONE_OUT_FRAC`` of ``snr_threshold``: one epoch's light; and where
+        fewer than ``min_images`` images cover it)."""
         ra, dec = np.asarray(ra_deg, float), np.asarray(dec_deg, float)
         if ra.size == 0:
             return np.zeros(0)
         x, y = self.wcs.wcs_world2pix(ra, dec, 0)
-        out = ndimage.map_coordinates(self.snr(), np.stack([y, x]), order=1, mode="constant", cval=0.0)
+        xy = np.stack([y, x])
+        out = ndimage.map_coordinates(self.snr(), xy, order=1, mode="constant", cval=0.0)
         if self.veto is not None:
-            vetoed = ndimage.map_coordinates(self.veto.astype(np.float32), np.stack([y, x]), order=0, cval=0.0)
+            vetoed = ndimage.map_coordinates(self.veto.astype(np.float32), xy, order=0, cval=0.0)
             out = np.where(vetoed > 0.5, 0.0, out)
-        return out
+        if self.e_max is not None:
+            threshold = MF_SNR_THRESHOLD if snr_threshold is None else snr_threshold
+            a, b = self.combined()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                db = b - self.eb_max
+                rest = ((a - self.e_max) / np.sqrt(np.where(db > 0, db, np.nan)) - self.snr_offset) / self.snr_scale
+            one_epoch = (self.n_epochs >= 2) & ~(np.nan_to_num(rest, nan=-np.inf)
+                                                  >= MF_LEAVE_ONE_OUT_FRAC * threshold)
+            hit = ndimage.map_coordinates(one_epoch.astype(np.float32), xy, order=0, cval=0.0)
+            out = np.where(hit > 0.5, 0.0, out)
+        few = ndimage.map_coordinates((self.n_images < min_images).astype(np.float32), xy, order=0, cval=1.0)
+        return np.where(few > 0.5, 0.0, out)
 
     def raw_snr(self) -> np.ndarray:
         """``a / sqrt(b)`` of the combined maps (0 where nothing covers)."""
@@ -623,6 +667,22 @@ def _image_box(grid: WCS, image: ImageData) -> tuple[float, float, float, float]
     return float(gx.min()), float(gx.max()), float(gy.min()), float(gy.max())
 
 
+#: Images whose mid-exposure times are closer than this (days) belong to one epoch (a night).
+EPOCH_GAP_DAYS = 0.3
+
+
+def epoch_labels(images: list[ImageData]) -> np.ndarray:
+    """An epoch number per image: mid-times (``ImageData.mjd``) sorted and cut at gaps above
+    ``EPOCH_GAP_DAYS``; an image without a time is an epoch of its own."""
+    mjd = np.array([im.mjd for im in images], float)
+    labels = np.arange(len(images)) + len(images)  # no time: its own epoch
+    timed = np.flatnonzero(np.isfinite(mjd))
+    if timed.size:
+        order = timed[np.argsort(mjd[timed], kind="stable")]
+        labels[order] = np.r_[0, np.cumsum(np.diff(mjd[order]) > EPOCH_GAP_DAYS)]
+    return labels
+
+
 def joint_matched_filter(images: list[ImageData], backgrounds=None, grid=None, bands=None) -> MatchedFilterMaps:
     """Every image's matched filter (``image_matched_filter``) resampled (bilinearly) onto the
     grid (``(wcs, shape)``; default ``common_grid``) and summed by inverse variance, per band
@@ -635,10 +695,26 @@ def joint_matched_filter(images: list[ImageData], backgrounds=None, grid=None, b
     a_max = np.zeros(shape, np.float32)
     b_max = np.zeros(shape, np.float32)
     n_img = np.zeros(shape, np.int16)
+    e_max, eb_max = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    n_epochs = np.zeros(shape, np.int16)
+    ea, eb = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     veto = None
     fwhm = []
     scale = 1.0 / np.sqrt(abs(np.linalg.det(grid.wcs.cd))) / 3600.0  # grid px per arcsec
-    for k, im in enumerate(images):
+    labels = epoch_labels(images)
+
+    def close_epoch():
+        top = ea > e_max
+        e_max[...] = np.where(top, ea, e_max)
+        eb_max[...] = np.where(top, eb, eb_max)
+        n_epochs[...] += eb > 0
+        ea[...], eb[...] = 0.0, 0.0
+
+    order = np.argsort(labels, kind="stable")
+    for pos, k in enumerate(order):
+        im = images[k]
+        if pos and labels[k] != labels[order[pos - 1]]:
+            close_epoch()
         if not np.isfinite(im.counts_per_nmgy):
             continue
         ai, bi = image_matched_filter(im, None if backgrounds is None else backgrounds[k])
@@ -664,14 +740,17 @@ def joint_matched_filter(images: list[ImageData], backgrounds=None, grid=None, b
         a_max[sl] = np.where(top, ra_i, a_max[sl])
         b_max[sl] = np.where(top, rb_i, b_max[sl])
         n_img[sl] += (rb_i > 0)
+        ea[sl] += ra_i
+        eb[sl] += rb_i
         sat = saturated_regions(~np.isfinite(im.pixels), im.saturated)
         if sat.any():
             sat = ndimage.binary_dilation(sat, structure=_disc(MF_SATURATION_VETO_FWHM * fwhm_im))
             hit = ndimage.map_coordinates(sat.astype(np.float32), coords, order=0, cval=0.0).reshape(ix.shape)
             veto = np.zeros(shape, bool) if veto is None else veto
             veto[sl] |= (hit > 0.5) & inside
+    close_epoch()
     maps = MatchedFilterMaps(grid, shape, bands, a, b, a_max, b_max, n_img, float(np.median(fwhm)) if fwhm else 3.0,
-                             veto=veto)
+                             veto=veto, e_max=e_max, eb_max=eb_max, n_epochs=n_epochs)
     maps.snr_offset, maps.snr_scale = _snr_calibration(maps)
     return maps
 
@@ -711,10 +790,14 @@ def _no_peaks(bands) -> pd.DataFrame:
 
 
 def matched_filter_peaks(maps: MatchedFilterMaps, snr_threshold: float = MF_SNR_THRESHOLD,
-                         min_separation_fwhm: float = 1.0) -> pd.DataFrame:
+                         min_separation_fwhm: float = 1.0, min_images: int = 1) -> pd.DataFrame:
     """Local maxima of the combined SNR map above ``snr_threshold``, at least
     ``min_separation_fwhm`` PSF FWHMs from a higher one, that survive leaving out the image that
-    contributes most (``MF_LEAVE_ONE_OUT_FRAC``, where 3 or more images cover the peak).
+    contributes most (``MF_LEAVE_ONE_OUT_FRAC``) where 3 or more images cover the peak, and
+    leaving out the epoch that contributes most where 2 or more epochs do, and covered by at least
+    ``min_images`` images (a peak that one or two images alone carry cannot be told from a cosmic
+    ray or a moving object, so a survey of 3 or more images asks for 3, as sep's detections
+    need 2).
 
     Returns
     -------
@@ -734,11 +817,21 @@ def matched_filter_peaks(maps: MatchedFilterMaps, snr_threshold: float = MF_SNR_
         peak &= ~maps.veto
     py, px = np.nonzero(peak)
     n_img = maps.n_images[py, px]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        db = b[py, px] - maps.b_max[py, px]
-        loo = ((a[py, px] - maps.a_max[py, px]) / np.sqrt(np.where(db > 0, db, np.nan)) - maps.snr_offset) \
-            / maps.snr_scale
-    keep = (n_img < 3) | (np.nan_to_num(loo, nan=-np.inf) >= MF_LEAVE_ONE_OUT_FRAC * snr_threshold)
+
+    def without(a_out, b_out):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            db = b[py, px] - b_out[py, px]
+            left = ((a[py, px] - a_out[py, px]) / np.sqrt(np.where(db > 0, db, np.nan)) - maps.snr_offset) \
+                / maps.snr_scale
+        return np.nan_to_num(left, nan=-np.inf) >= MF_LEAVE_ONE_OUT_FRAC * snr_threshold
+
+    # Without the epoch that contributes most where two or more cover the peak (static sky is in
+    # every epoch, a moving object in one); else without the image, where three or more do.
+    n_ep = maps.n_epochs[py, px] if maps.n_epochs is not None else np.ones_like(n_img)
+    keep = np.where(n_img < 3, True, without(maps.a_max, maps.b_max))
+    if maps.e_max is not None:
+        keep = np.where(n_ep >= 2, without(maps.e_max, maps.eb_max), keep)
+    keep &= n_img >= min_images
     py, px, n_img = py[keep], px[keep], n_img[keep]
     ny, nx = snr.shape
 
@@ -777,18 +870,27 @@ MF_TILE_MARGIN_PX = 32
 
 
 def matched_filter_search(images: list[ImageData], backgrounds=None, snr_threshold: float = MF_SNR_THRESHOLD,
-                          ra_deg=(), dec_deg=(), tile_px: int = MF_TILE_PX) -> tuple[pd.DataFrame, np.ndarray]:
+                          ra_deg=(), dec_deg=(), tile_px: int | None = None, min_images: int = 1
+                          ) -> tuple[pd.DataFrame, np.ndarray, float]:
     """``matched_filter_peaks`` of ``joint_matched_filter`` over the common grid, tile by tile
-    (``tile_px`` square cores overlapping by ``MF_TILE_MARGIN_PX``, each with the images that
-    reach it and its own calibration), and the calibrated SNR at the positions ``ra_deg``,
-    ``dec_deg`` (0 where vetoed or uncovered)."""
+    (``tile_px`` square cores, default twice the largest image's extent within 256 to
+    ``MF_TILE_PX``, overlapping by ``MF_TILE_MARGIN_PX``, each with the images that
+    reach it and its own calibration), the calibrated SNR at the positions ``ra_deg``,
+    ``dec_deg`` (0 where vetoed or uncovered), and the threshold the peaks passed:
+    ``snr_threshold`` raised by ``survey_threshold`` for the beams the images cover."""
     grid, (ny, nx) = common_grid(images)
     bands = sort_bands({im.band for im in images})
     ra_q, dec_q = np.asarray(ra_deg, float), np.asarray(dec_deg, float)
     qx, qy = grid.wcs_world2pix(ra_q, dec_q, 0) if ra_q.size else (np.zeros(0), np.zeros(0))
     snr_q = np.zeros(ra_q.size)
     boxes = [_image_box(grid, im) for im in images]
+    if tile_px is None:
+        # Tiles about twice an image's size: images scattered over a wide field (a survey of small
+        # cutouts) then cost their own area, not the area of the box around them all.
+        extent = max(max(bx1 - bx0, by1 - by0) for bx0, bx1, by0, by1 in boxes)
+        tile_px = int(min(MF_TILE_PX, max(256, 2 * np.ceil(extent))))
     found, m = [], MF_TILE_MARGIN_PX
+    n_beams = 0.0
     for ty in range(0, ny, tile_px):
         for tx in range(0, nx, tile_px):
             x0, x1, y0, y1 = max(tx - m, 0), min(tx + tile_px + m, nx), max(ty - m, 0), min(ty + tile_px + m, ny)
@@ -801,15 +903,19 @@ def matched_filter_search(images: list[ImageData], backgrounds=None, snr_thresho
             maps = joint_matched_filter([images[k] for k in mine],
                                         None if backgrounds is None else [backgrounds[k] for k in mine],
                                         grid=(sub, (y1 - y0, x1 - x0)), bands=bands)
-            peaks = matched_filter_peaks(maps, snr_threshold)
+            peaks = matched_filter_peaks(maps, snr_threshold, min_images=min_images)
             px, py = grid.wcs_world2pix(peaks["ra"].to_numpy(float), peaks["dec"].to_numpy(float), 0)
             core = (px >= tx - 0.5) & (px < tx + tile_px - 0.5) & (py >= ty - 0.5) & (py < ty + tile_px - 0.5)
             found.append(peaks[core])
+            beam = np.pi / (4 * np.log(2)) * maps.fwhm_px ** 2
+            n_beams += float((maps.n_images[ty - y0: ty - y0 + tile_px, tx - x0: tx - x0 + tile_px] > 0).sum()) / beam
             q = (qx >= tx - 0.5) & (qx < tx + tile_px - 0.5) & (qy >= ty - 0.5) & (qy < ty + tile_px - 0.5)
             if q.any():
-                snr_q[q] = maps.snr_at(ra_q[q], dec_q[q])
+                snr_q[q] = maps.snr_at(ra_q[q], dec_q[q], snr_threshold, min_images)
     found = [f for f in found if len(f)]
-    return (pd.concat(found, ignore_index=True) if found else _no_peaks(bands)), snr_q
+    peaks = pd.concat(found, ignore_index=True) if found else _no_peaks(bands)
+    threshold = survey_threshold(n_beams, snr_threshold)
+    return peaks[peaks["snr"].to_numpy(float) >= threshold].reset_index(drop=True), snr_q, threshold
 
 
 #: sep's threshold (background rms) for the fainter sources the matched filter confirms
@@ -921,7 +1027,8 @@ def detect_sources(images: list[ImageData], *, thresh_sigma: float = 3.0, match_
     if step2:
         faint = sep_sources(faint_thresh_sigma)
         faint = faint[faint["n_detections"].to_numpy() >= min_detections]
-    peaks, faint_snr = matched_filter_search(images, backgrounds, mf_snr_threshold, faint["ra"], faint["dec"])
+    peaks, faint_snr, mf_snr_threshold = matched_filter_search(images, backgrounds, mf_snr_threshold, faint["ra"],
+                                                               faint["dec"], min_images=3 if min_detections > 1 else 1)
     # 1. Peaks that no kept sep source explains confirm the nearest sep source seen too few times.
     free = ~_nearest(peaks["ra"], peaks["dec"], cands["ra"][seen], cands["dec"][seen], match_radius_arcsec)[0]
     near, idx = _nearest(peaks["ra"][free], peaks["dec"][free], cands["ra"][~seen], cands["dec"][~seen],

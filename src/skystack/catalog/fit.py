@@ -1,12 +1,19 @@
 """Fit the sources of one region: per-source variational inference, batched.
 
 Each source is fitted twice, as a star and as a galaxy, by trust-region Newton on the
-negative ELBO (``elbo.py``), many sources at once (``vmap``) on fixed-size patches
-(``patch_px`` square, one per image the source falls on, padded to a fixed image count).
+negative ELBO (``elbo.py``), many sources at once (``vmap``) on square patches (one per
+image the source falls on, padded to a fixed image count) whose side follows the PSF and the
+source's size (``patch_sizes_px``; one batch of compiled calls per size).
 Neighbours within a region are handled by block-coordinate passes, as in Celeste: in each
-pass every source is fitted with all other sources (region members at their current
-estimates, sources of other regions at their given values, held fixed) rendered into its
-patches as part of the background. Isolated sources need one pass.
+pass every source is fitted with all other sources (region members and the halo at their
+current estimates, the ring beyond at its given values, held fixed) rendered into its
+patches as part of the background. Isolated sources need one pass. The halo, sources of
+other regions near the region's edge, is fitted with the region but reported by its own
+region, so that a source's neighbours are never frozen at their detection values.
+
+Model mismatch: after the last pass each source's residuals are compared with the noise,
+weighted by its own light (``_Scene.mismatch_chi2``, ``fit_chi2`` in the output); above 1 the
+covariances are scaled by it and the type log-odds divided by it (a tempered posterior).
 
 Type: ``q(star) = p(star) Z_star / sum_a p(a) Z_a`` where ``ln Z_a`` is the type's ELBO
 plus the Laplace volume of its point-estimated parameters (position, shape). Without that
@@ -26,11 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-
-from . import elbo as E
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from ..core.units import FWHM_PER_SIGMA
+from . import elbo as E
 from .data import ImageData, sky_to_pixel_jacobian
 from .optimize import minimize_batch
 from .priors import (
@@ -86,7 +91,8 @@ def _initial_vectors(table: pd.DataFrame, bands, ref, lay_s: E.Layout, lay_g: E.
     xs = np.zeros((n, lay_s.size))
     xg = np.zeros((n, lay_g.size))
     for x, lay, prior in ((xs, lay_s, prior_s), (xg, lay_g, prior_g)):
-        colors = np.log(fluxes[:, 1:] / fluxes[:, :-1]) if lay.n_colors else np.zeros((n, 0))
+        with np.errstate(invalid="ignore", divide="ignore"):  # a faint candidate's flux may be <= 0 in a band
+            colors = np.log(fluxes[:, 1:] / fluxes[:, :-1]) if lay.n_colors else np.zeros((n, 0))
         colors = np.where(np.isfinite(colors), np.clip(colors, -3, 3), prior["color_mean"])
         x[:, lay.mu_ref] = np.log(f_ref)
         x[:, lay.colors] = colors
@@ -365,11 +371,13 @@ P_STAR_FLOOR = 1e-3
 
 
 def patch_sizes_px(images: list[ImageData], table: pd.DataFrame, min_px: int = 15) -> np.ndarray:
-    """Per source, the odd patch side (px) that holds it: 1.5 PSF FWHM plus 1.5 starting
-    half-light radii (0 for a star candidate) on each side of the centre, at the coarsest PSF
-    (px) and finest pixel scale among the images, rounded up to one of ``PATCH_SIZES_PX`` (one
+    """Per source, the odd patch side (px) that holds it: 1.5 PSF FWHM (twice its half-light
+    radius) plus 1.5 starting half-light radii (0 for a star candidate) on each side of the
+    centre, at the coarsest PSF (px) and finest pixel scale among the images, rounded up to one of ``PATCH_SIZES_PX`` (one
     compilation per size) and at least ``min_px``."""
-    fwhm_px = max(im.psf_sigma_px() for im in images) * FWHM_PER_SIGMA
+    # Twice the half-light radius: the FWHM for a Gaussian, not inflated by a Moffat's wings as
+    # the second moment is.
+    fwhm_px = max(2.0 * im.psf_r50_px() for im in images)
     scale = min(float(np.mean(proj_plane_pixel_scales(im.wcs))) * 3600.0 for im in images)
     n = len(table)
     radius = table["gal_radius_arcsec"].to_numpy(float) if "gal_radius_arcsec" in table else np.zeros(n)
@@ -450,7 +458,7 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
     log_odds = np.zeros(n_rows)
     for n_pass in range(1, passes + 1):
         for sc in scenes:
-            def report(kind, size=sc.size):
+            def report(kind, size=sc.size, n_pass=n_pass):
                 if progress is None:
                     return None
                 return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model ({size} px patches): "

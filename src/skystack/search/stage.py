@@ -78,7 +78,9 @@ def shard_stage(images_path, cache_path, listed_path, plan_path, chunk_range: in
                                      max_batch_bytes=int(max_batch_mb) << 20, prepared=prepared, timings=steps))
         log.info("chunk %d/%d: %d orbits, %d intersections, %.1f s", k, -(-len(ids) // size), len(orbits),
                  len(parts[-1]), time.time() - t0)
-    partials = pd.concat(parts, ignore_index=True)
+    # A chunk range may hold no orbit (the plan's last range, a filtered file): an empty table.
+    partials = pd.concat(parts, ignore_index=True) if parts else search_partials(
+        orbits_for_ids(plan, listed, ids[:0]), images, cache)
     write_parquet(partials, partials_out)
     log.info("wrote %d intersections; seconds per step: %s", len(partials),
              ", ".join(f"{k} {v:.2f}" for k, v in steps.items()) or "none")

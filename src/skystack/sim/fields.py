@@ -193,5 +193,5 @@ def simulate_field(cfg: SimConfig | None = None, **overrides) -> tuple[list[Imag
                                     psf=float(sigma) if cfg.psf_profile == "gaussian"
                                     else psf_image(psf, cfg.pixel_scale_arcsec, cfg.psf_image_half_px),
                                     noise_var=noise_var, sky_subtracted=cfg.sky_subtracted,
-                                    image_id=len(images)))
+                                    image_id=len(images), mjd=59000.0 + e + 0.01 * bi))
     return images, truth
