@@ -233,8 +233,9 @@ def fit_region_stage(regions_path, images_path, region: int, catalog_out, *, mar
     sources, halo, ring = region_inputs(pd.read_parquet(regions_path), region, margin_arcsec)
     if len(sources) == 0:
         log.info("region %d: no sources; empty table", region)
-        write_parquet(fit_region(sources, None, []), catalog_out)
-        return pd.read_parquet(catalog_out)
+        catalog = fit_region(sources, None, [])
+        write_parquet(catalog, catalog_out)
+        return catalog
     fitted = pd.concat([sources, halo], ignore_index=True)
     rows = images_overlapping(with_zero_point(select_images(pd.read_parquet(images_path), "science"),
                                               str(images_path), log),
