@@ -22,8 +22,11 @@ run: $(STAMP)
 	  --report $$($(VENV)/bin/python -m skystack.report.summary --configfile $(CONFIG) --report-path)
 	@$(VENV)/bin/python -m skystack.report.summary --configfile $(CONFIG)
 
+# Two workers: the machine's second core is otherwise idle in single-threaded tests and while
+# Slurm jobs wait; the tests that share the session's tiny run stay on one worker (conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup tests
 
 # snakefmt, then Snakemake's linter, also under the Slurm profile (its set-resources choose the
 # GPU rules' conda environments when the workflow is parsed).

@@ -47,6 +47,15 @@ def run_snakemake(workdir, *args, configfile=None, cores=2, check=True, env=None
     return proc
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) the tests that
+    share the session's tiny run, and those that bring up the local Slurm cluster, go to one
+    worker: the run is made once and only one cluster is started on the machine."""
+    for item in items:
+        if {"tiny_run", "slurm_cluster"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("tiny_run_and_slurm"))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The whole workflow on the tiny survey, run once per test session."""
