@@ -147,7 +147,8 @@ def fit_psf_mixture(psf_image: np.ndarray, max_components: int = MAX_COMPONENTS,
     Components are added one at a time, each new one wider than the widest so far (a PSF's
     wings: Moffat, the SDSS power-law wing, a PSFEx halo), starting from the previous fit; the
     search stops at the first mixture whose flux bias and misplaced light (see
-    :class:`PsfFit`) are below the limits, else returns the best one tried. The least-squares
+    :class:`PsfFit`) are below the limits, else returns the best one tried; a fit with a
+    component wider than half the stamp ends the search (the previous mixture stands). The least-squares
     fit is unweighted, as a sky-limited PSF fit of a star is. The image is normalised to unit
     sum, its centre is pixel ((nx-1)/2, (ny-1)/2), and the mixture is evaluated at pixel
     centres, so the pixel response the image already holds is not added again.
@@ -160,14 +161,24 @@ def fit_psf_mixture(psf_image: np.ndarray, max_components: int = MAX_COMPONENTS,
     cx, cy, sigma = _moments(img, center)
     p = _pack([1.0], [(cx, cy)], [sigma], [sigma], [0.0])
     best = None
+    widest_allowed = 0.5 * max(nx, ny)
     for k in range(1, max_components + 1):
         if k > 1:
             prev = _unpack(p, k - 1)
             widest = float(np.sqrt(np.max(np.linalg.eigvalsh(prev.cov_px2))))
             p = np.concatenate([p, _pack([0.1 * prev.amp.sum()], [(cx, cy)], [2.0 * widest], [2.0 * widest],
                                          [0.0])])
-        p, _ = _fit_k(img, center, p, k)
-        q = _quality(_unpack(p, k), img, center)
+        p_new, _ = _fit_k(img, center, p, k)
+        mix = _unpack(p_new, k)
+        with np.errstate(all="ignore"):
+            widths = np.sqrt(np.max(np.linalg.eigvalsh(mix.cov_px2), axis=-1)) if np.isfinite(mix.cov_px2).all() \
+                else np.array([np.inf])
+        if best is not None and not (np.isfinite(mix.amp).all() and np.all(widths <= widest_allowed)):
+            # A component wider than the stamp is not a PSF wing but a pedestal the stamp cannot
+            # constrain (its width runs away): the fewer components fitted so far stand.
+            break
+        p = p_new
+        q = _quality(mix, img, center)
         if best is None or abs(q.flux_bias) + q.l1_residual < abs(best.flux_bias) + best.l1_residual:
             best = q
         if abs(q.flux_bias) <= max_flux_bias and q.l1_residual <= max_l1_residual:
