@@ -24,9 +24,15 @@ def chiron():
     return {k: float(row[k]) for k in ELEMENT_COLUMNS}
 
 
+#: The list-of-orbits settings these tests vary (tiny.yaml itself searches a region).
+LIST_SETTINGS = {"source": "random", "regions": [], "n_random": 300, "chunk_size": 100, "chunks_per_job": 2,
+                 "include_truth": True}
+
+
 def config(**changes):
-    """tiny.yaml's orbits section (reference 2060 Chiron, focused preset), varied."""
-    cfg = copy.deepcopy(load_config(TINY)["orbits"])
+    """tiny.yaml's orbits section (reference 2060 Chiron, focused preset) with a list of
+    orbits instead of a region (``LIST_SETTINGS``), varied."""
+    cfg = {**copy.deepcopy(load_config(TINY)["orbits"]), **copy.deepcopy(LIST_SETTINGS)}
     grid = changes.pop("grid", None)
     cfg.update(changes)
     if grid:

@@ -10,7 +10,7 @@ from astropy.wcs import WCS
 
 from skystack.search.evaluate import match_truth
 from skystack.search.filters import bright_star_mask, star_mask_hits
-from skystack.search.results import coadd_stamp, light_curves
+from skystack.search.results import clipped_coadd, coadd_stamp, light_curves
 from skystack.survey.cache import TileCache, write_tile_cache
 
 
@@ -309,6 +309,30 @@ def test_coadd_off_the_image_edge(coadd_case):
     s = coadd_stamp(alone, images, caches, radius=R)
     assert np.isnan(s[:, :3]).all() and np.isfinite(s[:, 3:]).all()
     np.testing.assert_allclose(s[:, 3:], 3.0, rtol=1e-12)
+
+
+def test_clipped_coadd_leaves_out_a_cosmic_ray(tmp_path):
+    """Five difference images (1 ADU per nmgy, noise 0.1 nmgy), the object 4 nmgy at the stamp
+    centre in each, a cosmic ray of 50 nmgy two pixels off it in one: the clipped coadd is the
+    object alone (to float32 rounding), where the plain mean shows the ray at 1/5 strength."""
+    n, size = 5, 20
+    pixels = []
+    for i in range(n):
+        img = np.zeros((size, size), np.float32)
+        img[10, 10] = 4.0
+        if i == 2:
+            img[12, 10] = 50.0
+        pixels.append((i, img))
+    write_tile_cache(tmp_path / "p0.tiles", pixels, tile=8)
+    caches = {0: TileCache.open(tmp_path / "p0.tiles")}
+    images = pd.DataFrame({"image_id": range(n), "partition": 0, "magzp": 22.5, "sky_level": 7.0,
+                           "noise_sigma": 0.1, "is_difference": True})
+    positions = pd.DataFrame({"orbit_id": 1, "image_id": range(n), "x": 10.2, "y": 9.9})
+    want = np.zeros((2 * R + 1,) * 2)
+    want[R, R] = 4.0
+    np.testing.assert_allclose(clipped_coadd(positions, images, caches, radius=R), want, atol=1e-6)
+    plain = coadd_stamp(positions, images, caches, radius=R)
+    assert plain[R + 2, R] == pytest.approx(10.0)
 
 
 def test_detection_predicate_match_radius_and_image_selection():

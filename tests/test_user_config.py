@@ -150,9 +150,10 @@ def test_detections_keep_the_orbit_files_ids_and_names(tiny_images, tmp_path):
 
 # ----------------------------------------------------------------------------- 3. bounded work
 @pytest.mark.parametrize("settings, message", [
-    ({"orbits": {"n_random": 1_000_000_000}},
+    ({"orbits": {"n_random": 1_000_000_000, "chunk_size": 100, "chunks_per_job": 2}},
      r"at least 15,000,0\d\d jobs .*5,000,00\d orbit chunk ranges.*orbits.chunk_size.*orbits.chunks_per_job.*max_jobs"),
-    ({"partitions": 10000}, r"at least 30,0\d\d jobs .*10000 partitions.*fewer partitions.*max_jobs"),
+    ({"partitions": 10000, "orbits": {"n_random": 300, "chunk_size": 100, "chunks_per_job": 2}},
+     r"at least 30,0\d\d jobs .*10000 partitions.*fewer partitions.*max_jobs"),
 ])
 def test_too_many_jobs_are_refused_before_the_dag(tmp_path, settings, message):
     overlay = tmp_path / "big.yaml"
@@ -171,7 +172,8 @@ def test_max_jobs_is_the_bound(tmp_path, max_jobs, refused):
     """100000 random orbits in chunks of 100, 2 per job, 2 partitions: 500 chunk ranges, 1500
     search jobs."""
     overlay = tmp_path / "big.yaml"
-    overlay.write_text(yaml.safe_dump({"orbits": {"n_random": 100000}, "max_jobs": max_jobs}))
+    overlay.write_text(yaml.safe_dump({"orbits": {"n_random": 100000, "chunk_size": 100, "chunks_per_job": 2},
+                                       "max_jobs": max_jobs}))
     proc = run_snakemake(tmp_path, "--dry-run", "--quiet", configfile=[TINY, overlay], check=False, timeout=300)
     assert (proc.returncode != 0) == refused, (proc.stdout + proc.stderr)[-3000:]
     assert ("more than max_jobs: 1000" in proc.stdout + proc.stderr) == refused

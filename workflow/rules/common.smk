@@ -281,7 +281,18 @@ def orbit_plan_inputs(wildcards):
         if not o["path"]:
             raise ValueError("orbits.path: required when orbits.source is 'file'")
         inputs["orbit_file"] = o["path"]
+    if o["source"] == "region":
+        inputs["images"] = result("images.parquet")
     return inputs
+
+
+def region_search_settings():
+    """The search settings a region's covering depends on (none for the other orbit sources, so
+    that changing them does not re-plan a list of orbits)."""
+    if config["orbits"]["source"] != "region":
+        return {}
+    keys = ("images", "max_snr_loss", "max_trials", "smoothing_sigma_px")
+    return {k: config["search"][k] for k in keys}
 
 
 def star_mask_input():

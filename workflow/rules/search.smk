@@ -15,6 +15,7 @@ checkpoint plan_orbits:
         CONDA_ENV
     params:
         orbits=config["orbits"],
+        search=region_search_settings(),
         seed=config["seed"],
     script:
         "../scripts/plan_orbits.py"
@@ -98,6 +99,7 @@ rule merge_detections:
         listed=result("search", "orbits_listed.parquet"),
         plan=result("search", "plan.json"),
         caches=[cache_file(p) for p in PARTITIONS],
+        stars=star_mask_input(),
     output:
         detections=result("detections.parquet"),
         ecsv=result("detections.ecsv"),
@@ -113,6 +115,10 @@ rule merge_detections:
     params:
         snr_threshold=config["search"]["snr_threshold"],
         min_images=config["search"]["min_images"],
+        smoothing_sigma_px=config["search"]["smoothing_sigma_px"],
+        sigma_g_clip=config["search"]["sigma_g_clip"],
+        star_mask_radius_arcsec=config["search"]["star_mask_radius_arcsec"],
+        refined_snr_threshold=config["search"]["refined_snr_threshold"],
     script:
         "../scripts/merge_detections.py"
 
@@ -125,7 +131,15 @@ rule search_report:
         plan=result("search", "plan.json"),
         truth=truth_input(),
         candidates_of=combined_chunks,
+        images=result("images.parquet"),
+        rejected=result("rejected_images.parquet"),
+        catalog=catalog_targets()[:1],
     output:
+        summary=report(
+            result("report", "run_summary.html"),
+            caption="../report/run_summary.rst",
+            category="1. Run summary",
+        ),
         histogram=report(
             result("report", "snr_histogram.png"),
             caption="../report/snr_histogram.rst",

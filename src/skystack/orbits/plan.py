@@ -31,11 +31,16 @@ def n_random_of(orbit_cfg: dict) -> int:
     return int(n)
 
 
-def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_path=None):
-    """The listed orbits (simulated truth, grid, file) and the plan of chunks.
+def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_path=None, images_path=None,
+                search_cfg: dict | None = None, log=None):
+    """The listed orbits (simulated truth, grid, file, region trials) and the plan of chunks.
+
+    ``images_path`` (the index) and ``search_cfg`` (``max_snr_loss``, ``max_trials``,
+    ``smoothing_sigma_px``, ``images``) are needed for ``orbits.source: region``: the covering
+    is built from the exposures the region reaches (``orbits.region``).
 
     Returns ``(listed, plan)``: ``listed`` is an orbit table with ``name`` and ``listed_as``
-    ("truth", "grid" or "file"), in plan order; ``plan`` a JSON-able dict (seed, preset,
+    ("truth", "grid", "file" or "region"), in plan order; ``plan`` a JSON-able dict (seed, preset,
     reference elements, counts, chunk size, chunks per job, number of chunks and of chunk
     ranges, the first random orbit id, and whether every id is its position).
     """
@@ -64,6 +69,10 @@ def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_pa
         user = load_orbits(file_path, number_from=offset)
         names = user["name"].astype(str) if "name" in user else ""
         parts.append(user[["orbit_id", *ELEMENT_COLUMNS]].assign(name=names, listed_as="file"))
+    regions = []
+    if source == "region":
+        trials, regions = _region_trials(orbit_cfg, search_cfg or {}, images_path, known_path, seed, offset, log)
+        parts.append(trials[["orbit_id", *ELEMENT_COLUMNS, "name"]].assign(listed_as="region"))
     # An empty listed table still has float64 elements: random rows concatenated to it in
     # orbits_for_ids keep their dtype (object columns otherwise).
     empty = pd.DataFrame({"orbit_id": pd.Series(dtype="int64"), **{c: pd.Series(dtype="float64") for c in ELEMENT_COLUMNS},
@@ -88,10 +97,26 @@ def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_pa
         "focused_sigma": dict(orbit_cfg["focused_sigma"]), "n_listed": len(listed), "n_random": n_random,
         "n_total": n_total, "chunk_size": size, "chunks_per_job": per_job, "n_chunks": n_chunks,
         "n_chunk_ranges": -(-n_chunks // per_job), "first_random_id": first_random,
+        "regions": regions,
         "ids_are_positions": bool(first_random == len(listed)
                                   and np.array_equal(listed["orbit_id"].to_numpy(), np.arange(len(listed)))),
     }
     return listed, plan
+
+
+def _region_trials(orbit_cfg: dict, search_cfg: dict, images_path, known_path, seed: int, start_id: int, log):
+    from ..search.stage import searched_images
+    from .region import region_trials
+
+    if images_path is None:
+        raise ValueError("orbits.source 'region': the plan needs the survey's index (images.parquet)")
+    images = searched_images(pd.read_parquet(images_path), search_cfg.get("images", "difference"),
+                             where=str(images_path))
+    return region_trials(orbit_cfg.get("regions") or [], images, known_path,
+                         max_snr_loss=float(search_cfg.get("max_snr_loss", 0.2)),
+                         max_trials=int(search_cfg.get("max_trials", 1_000_000)),
+                         smoothing_sigma_px=float(search_cfg.get("smoothing_sigma_px", 0.0)),
+                         start_id=start_id, seed=seed, log=log)
 
 
 def _first_random_id(plan: dict) -> int:

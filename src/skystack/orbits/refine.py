@@ -18,6 +18,7 @@ the track does not change (the SNR is flat) get a large variance, as they should
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -43,6 +44,8 @@ class RefineResult(NamedTuple):
     sigma : (6,)
         Square roots of the covariance's diagonal.
     snr_before, snr_after : float
+    fisher : (6, 6)
+        The curvature of the log-likelihood at the peak (the covariance's inverse where finite).
     steps : int
         Newton steps kept.
     converged : bool
@@ -57,9 +60,18 @@ class RefineResult(NamedTuple):
     snr_after: float
     steps: int
     converged: bool
+    fisher: np.ndarray | None = None
 
 
-def refine_orbit(elements0, snr_fn: Callable, *, max_steps: int = 50, tol: float = 1e-10,
+@functools.lru_cache(maxsize=32)
+def _compiled(snr_fn: Callable):
+    """The jitted value, gradient and Hessian of ``snr_fn`` (x, *args): data passed as arguments
+    share one compilation across detections (closed-over arrays would be compiled in)."""
+    return (jax.jit(snr_fn), jax.jit(jax.jacfwd(snr_fn, argnums=0)),
+            jax.jit(jax.jacfwd(jax.jacfwd(snr_fn, argnums=0), argnums=0)))
+
+
+def refine_orbit(elements0, snr_fn: Callable, *, args: tuple = (), max_steps: int = 50, tol: float = 1e-10,
                  mu0: float = 1e-3) -> RefineResult:
     """Maximise ``snr_fn`` over the six elements from ``elements0``.
 
@@ -68,8 +80,11 @@ def refine_orbit(elements0, snr_fn: Callable, *, max_steps: int = 50, tol: float
     elements0 : mapping, Series or array (6,)
         Starting elements (``REGION_ELEMENTS``; a mapping may carry ``epoch_jd_tdb``, kept).
     snr_fn : callable
-        JAX-traceable ``f(x) -> scalar`` of the elements x (6,) in the schema's units (forward
-        differentiable: ``jax.jacfwd`` is used).
+        JAX-traceable ``f(x, *args) -> scalar`` of the elements x (6,) in the schema's units
+        (forward differentiable: ``jax.jacfwd`` is used).
+    args : tuple
+        Data arguments of ``snr_fn`` (arrays, pytrees): a module-level ``snr_fn`` is compiled
+        once for all calls with arguments of the same shapes.
     max_steps : int
         Most Newton steps tried (kept or refused).
     tol : float
@@ -87,9 +102,17 @@ def refine_orbit(elements0, snr_fn: Callable, *, max_steps: int = 50, tol: float
     else:
         x = np.asarray(elements0, np.float64).reshape(6)
         epoch = None
-    f = jax.jit(snr_fn)
-    grad = jax.jit(jax.jacfwd(snr_fn))
-    hess = jax.jit(jax.jacfwd(jax.jacfwd(snr_fn)))
+    f0, grad0, hess0 = _compiled(snr_fn)
+
+    def f(v):
+        return f0(v, *args)
+
+    def grad(v):
+        return grad0(v, *args)
+
+    def hess(v):
+        return hess0(v, *args)
+
     value = float(f(jnp.asarray(x)))
     before = value
     mu, kept, converged = mu0, 0, False
@@ -126,7 +149,7 @@ def refine_orbit(elements0, snr_fn: Callable, *, max_steps: int = 50, tol: float
     out = {k: float(v) for k, v in zip(REGION_ELEMENTS, x)}
     if epoch is not None:
         out["epoch_jd_tdb"] = epoch
-    return RefineResult(out, cov, np.sqrt(np.maximum(np.diag(cov), 0.0)), before, value, kept, converged)
+    return RefineResult(out, cov, np.sqrt(np.maximum(np.diag(cov), 0.0)), before, value, kept, converged, fisher)
 
 
 def _newton_decrement(h, g, value) -> float:
@@ -142,6 +165,8 @@ def _newton_decrement(h, g, value) -> float:
 def _pinv_psd(a: np.ndarray) -> np.ndarray:
     """Inverse of a symmetric matrix through its eigen-decomposition (non-positive eigenvalues,
     flat directions, get an infinite variance)."""
+    if not np.isfinite(a).all():
+        return np.full_like(a, np.inf)
     lam, vec = np.linalg.eigh(0.5 * (a + a.T))
     inv = np.where(lam > lam.max() * 1e-15, 1.0 / np.where(lam > 0, lam, 1.0), np.inf)
     with np.errstate(invalid="ignore"):

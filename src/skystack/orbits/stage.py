@@ -9,9 +9,10 @@ from .plan import plan_orbits
 
 
 def plan_stage(orbit_cfg: dict, seed: int, known_path, listed_out, plan_out, *, truth_path=None, file_path=None,
-               log: logging.Logger) -> dict:
+               images_path=None, search_cfg: dict | None = None, log: logging.Logger) -> dict:
     """``plan_orbits``: orbits_listed.parquet and plan.json."""
-    listed, plan = plan_orbits(orbit_cfg, seed, known_path, truth_path=truth_path, file_path=file_path)
+    listed, plan = plan_orbits(orbit_cfg, seed, known_path, truth_path=truth_path, file_path=file_path,
+                               images_path=images_path, search_cfg=search_cfg, log=log)
     write_parquet(listed, listed_out)
     with atomic_path(plan_out) as tmp:
         tmp.write_text(json.dumps(plan, indent=1))

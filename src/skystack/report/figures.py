@@ -17,13 +17,40 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
-def detection_figure(stamp: np.ndarray, light_curve: pd.DataFrame, title: str, path) -> None:
-    """Coadded stamp along the orbit beside the per-image light curve (flux with 1-sd bars)."""
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 2]})
-    # Percentile limits: a single hot pixel or subtraction residual would set the scale otherwise.
-    lo, hi = np.nanpercentile(stamp, [1, 99]) if np.isfinite(stamp).any() else (0, 1)
-    ax0.imshow(stamp, origin="lower", cmap="gray_r", vmin=lo, vmax=hi)
-    ax0.set_title("coadd along orbit")
+#: Per-epoch stamps shown in a detection figure's strip (evenly spread over the images).
+STRIP_STAMPS = 12
+
+
+def _linear_limits(image: np.ndarray):
+    """Linear stretch from the 1st to the 99.5th percentile: one hot pixel does not set it."""
+    if not np.isfinite(image).any():
+        return 0.0, 1.0
+    lo, hi = np.nanpercentile(image, [1, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def _marker(ax, centre: float) -> None:
+    """Tick marks at the predicted position that leave the object itself visible."""
+    for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        ax.plot([centre + 1.5 * dx, centre + 3.5 * dx], [centre + 1.5 * dy, centre + 3.5 * dy], color="tab:red", lw=1)
+
+
+def detection_figure(stamp: np.ndarray, light_curve: pd.DataFrame, title: str, path, *, stamps=None,
+                     stamp_mjd=None, slices: dict | None = None) -> None:
+    """What a person vets a detection by: the sigma-clipped coadd along the orbit with the
+    predicted position marked (linear stretch), the light curve, a strip of per-epoch stamps
+    (same stretch as each other) and, for a refined orbit, SNR slices through its elements."""
+    n_strip = 0 if stamps is None else min(STRIP_STAMPS, len(stamps))
+    n_slices = len(slices or {})
+    rows = 1 + (n_strip > 0) + (n_slices > 0)
+    heights = [3.2] + [1.1] * (n_strip > 0) + [1.9] * (n_slices > 0)
+    fig = plt.figure(figsize=(11, 0.6 + sum(heights)))
+    grid = fig.add_gridspec(rows, 12, height_ratios=heights, wspace=0.9, hspace=0.5)
+    ax0, ax1 = fig.add_subplot(grid[0, :4]), fig.add_subplot(grid[0, 5:])
+    lo, hi = _linear_limits(stamp)
+    ax0.imshow(stamp, origin="lower", cmap="gray_r", vmin=lo, vmax=hi, interpolation="nearest")
+    _marker(ax0, (stamp.shape[0] - 1) / 2)
+    ax0.set_title("sigma-clipped coadd along the orbit (nmgy/px)", fontsize=9)
     ax0.set_xticks([]), ax0.set_yticks([])
     for band, g in light_curve.groupby("band"):
         ax1.errorbar(g["mjd_mid_utc"], g["flux_nmgy"], yerr=g["flux_sd_nmgy"], fmt="o", ms=3, label=band, alpha=0.7)
@@ -31,6 +58,29 @@ def detection_figure(stamp: np.ndarray, light_curve: pd.DataFrame, title: str, p
     ax1.set_xlabel("MJD (UTC)")
     ax1.set_ylabel("flux (nmgy)")
     ax1.legend(fontsize=8)
+    row = 1
+    if n_strip:
+        pick = np.unique(np.linspace(0, len(stamps) - 1, n_strip).round().astype(int))
+        slo, shi = _linear_limits(np.asarray(stamps)[pick])
+        for i, j in enumerate(pick):
+            ax = fig.add_subplot(grid[row, i])
+            ax.imshow(stamps[j], origin="lower", cmap="gray_r", vmin=slo, vmax=shi, interpolation="nearest")
+            _marker(ax, (stamps[j].shape[0] - 1) / 2)
+            ax.set_xticks([]), ax.set_yticks([])
+            if stamp_mjd is not None:
+                ax.set_title(f"{stamp_mjd[j]:.1f}", fontsize=7)
+        row += 1
+    if n_slices:
+        per = max(1, 12 // n_slices)
+        for i, (name, (offsets, snr)) in enumerate(slices.items()):
+            ax = fig.add_subplot(grid[row, i * per:(i + 1) * per])
+            ax.plot(offsets, snr, "k-", lw=1)
+            ax.axvline(0, color="tab:red", lw=0.7)
+            ax.set_xlabel(f"d {name}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.locator_params(axis="x", nbins=3)
+            if i == 0:
+                ax.set_ylabel("SNR", fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
 

@@ -59,6 +59,59 @@ def summarize(config: dict, root: Path = Path(".")) -> list[str]:
     return lines
 
 
+def _html_table(header, rows) -> str:
+    from html import escape
+
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table border='1' cellpadding='3' style='border-collapse:collapse'><tr>{head}</tr>{body}</table>"
+
+
+def run_summary_html(experiment: str, *, images_path, rejected_path, detections_path, plan_path, recovered_path,
+                     catalog_path=None, snr_threshold: float) -> str:
+    """The run at a glance (the Snakemake report's first page): images indexed and refused,
+    the catalog's size, the orbit plan (for a region search: trial orbits and the loss the
+    covering guarantees), the detections with their SNR, and the completeness on injected
+    objects."""
+    import json
+    from html import escape
+
+    idx = pd.read_parquet(images_path)
+    rejected = pd.read_parquet(rejected_path) if rejected_path and Path(rejected_path).exists() else pd.DataFrame()
+    parts = [f"<h2>skystack run: experiment {escape(experiment)}</h2>",
+             f"<p>{len(idx)} images indexed ({int(idx['is_difference'].sum())} difference) from "
+             f"{idx['mjd_mid_utc'].round(6).nunique()} exposures in bands {', '.join(sorted(idx['band'].unique()))}; "
+             f"{len(rejected)} refused.</p>"]
+    if len(rejected) and "reason" in rejected:
+        reasons = rejected["reason"].astype(str).str.split(":").str[0].value_counts().head(8)
+        parts.append(_html_table(["refused because", "files"], reasons.items()))
+    if catalog_path and Path(catalog_path).exists():
+        cat = pd.read_parquet(catalog_path)
+        stars = int((cat["p_star"] >= 0.5).sum()) if "p_star" in cat else 0
+        parts.append(f"<p>Catalog: {len(cat)} sources ({stars} likely stars, {len(cat) - stars} galaxies).</p>")
+    plan = json.loads(Path(plan_path).read_text())
+    if plan.get("regions"):
+        parts.append(_html_table(
+            ["region", "trial orbits", "max SNR loss guaranteed", "exposures", "images", "filter sigma (arcsec)"],
+            [(r["name"], f"{r['n_trials']:,}", r["max_snr_loss"], r["n_exposures"], r["n_images"],
+              f"{r['filter_sigma_arcsec_median']:.2f}") for r in plan["regions"]]))
+    else:
+        parts.append(f"<p>Orbits searched: {plan['n_total']:,} ({plan['n_listed']:,} listed, "
+                     f"{plan['n_random']:,} random).</p>")
+    det = pd.read_parquet(detections_path)
+    cols = [c for c in ("orbit_id", "name", "snr", "snr_trial", "n_images", "a_au", "e", "inc_deg", "flux_nmgy")
+            if c in det]
+    parts.append(f"<p>{len(det)} detections at SNR &ge; {snr_threshold:g}:</p>")
+    parts.append(_html_table(cols, [[f"{v:.7g}" if isinstance(v, float) else v for v in r]
+                                    for r in det[cols].itertuples(index=False)]))
+    rec = pd.read_parquet(recovered_path) if Path(recovered_path).exists() else pd.DataFrame()
+    if len(rec):
+        bright = rec["expected_combined_snr"] >= 10
+        parts.append(f"<p>Injected objects recovered: {int(rec['detected'].sum())} of {len(rec)} "
+                     f"({int(rec.loc[bright, 'detected'].sum())} of {int(bright.sum())} with expected SNR &ge; 10).</p>")
+    return "<html><body>" + "\n".join(parts) + "</body></html>"
+
+
 def report_path(config: dict) -> str:
     """Where ``make run`` writes the Snakemake report (figures with captions, one HTML file)."""
     return str(Path(config["results_dir"]) / config["experiment"] / "report.html")

@@ -30,7 +30,13 @@ from .filters import (
     star_mask_hits,
 )
 from .intersect import prepare_images
-from .results import coadd_stamp, expected_false_alarms, light_curves, robust_snr_sd
+from .results import (
+    clipped_coadd,
+    expected_false_alarms,
+    light_curves,
+    robust_snr_sd,
+    stamps_nmgy,
+)
 from .shard import search_partials, stage_cache
 
 
@@ -115,8 +121,13 @@ def _candidates_of(combined_paths) -> pd.DataFrame:
 
 def merge_stage(combined_paths, images_path, listed_path, plan_path, cache_paths, *, detections_out, ecsv_out,
                 light_curves_out, all_orbits_out, plots_dir, snr_threshold: float, min_images: int,
-                log: logging.Logger) -> pd.DataFrame:
-    """``merge_detections``: detections (duplicates merged), light curves, a figure each."""
+                log: logging.Logger, stars_path=None, smoothing_sigma_px: float = 0.0, sigma_g_clip: float = 3.0,
+                star_mask_radius_arcsec: float = 4.0, refined_snr_threshold: float | None = None) -> pd.DataFrame:
+    """``merge_detections``: detections (duplicates merged), light curves, a figure each.
+
+    For a region search (the plan has ``regions``) each candidate is refined over the six
+    elements on the images (``search.refinement``), refined duplicates are merged, and the
+    detections, light curves and figures follow the refined orbits."""
     plan = _read_plan(plan_path)
     listed = pd.read_parquet(listed_path)
     images = pd.read_parquet(images_path)
@@ -128,21 +139,52 @@ def merge_stage(combined_paths, images_path, listed_path, plan_path, cache_paths
     det = merged.merge(orbits_for_ids(plan, listed, merged["orbit_id"].to_numpy()), on="orbit_id")
     names = listed.set_index("orbit_id")["name"] if "name" in listed else pd.Series(dtype=str)
     det["name"] = det["orbit_id"].map(names).fillna("")
+    caches = {p: TileCache.open(c) for p, c in enumerate(cache_paths)}
+    along, slices = candidates, {}  # the positions each detection's light curve and coadd follow
+    if plan.get("regions"):
+        det, along, slices = _refined(det, candidates, images, caches, stars_path, plan, smoothing_sigma_px=smoothing_sigma_px,
+                              sigma_g_clip=sigma_g_clip, star_mask_radius_arcsec=star_mask_radius_arcsec,
+                              refined_snr_threshold=snr_threshold if refined_snr_threshold is None
+                              else refined_snr_threshold, min_images=min_images, log=log)
     det = det.sort_values(["snr", "orbit_id"], ascending=[False, True]).reset_index(drop=True)
-    lc = light_curves(candidates[candidates["orbit_id"].isin(det["orbit_id"])], images)
+    lc = light_curves(along[along["orbit_id"].isin(det["orbit_id"])], images)
     write_parquet(det, detections_out)
     write_ecsv(det, ecsv_out)
     write_ecsv(lc, light_curves_out)
     plots = Path(plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
-    caches = {p: TileCache.open(c) for p, c in enumerate(cache_paths)}
     for _, d in det.iterrows():
-        stamp = coadd_stamp(candidates[candidates["orbit_id"] == d["orbit_id"]], images, caches)
+        on = along[along["orbit_id"] == d["orbit_id"]].sort_values("image_id", kind="stable")
+        on = on.merge(images[["image_id", "mjd_mid_utc"]], on="image_id").sort_values("mjd_mid_utc", kind="stable")
+        stamps, _ = stamps_nmgy(on, images, caches)
         title = f"orbit {d['orbit_id']} {d['name']}  a={d['a_au']:.4f} AU  SNR={d['snr']:.1f}  n={d['n_images']}"
-        detection_figure(stamp, lc[lc["orbit_id"] == d["orbit_id"]], title, plots / f"orbit_{d['orbit_id']}.png")
+        if "snr_trial" in d:
+            title += f"  (trial SNR {d['snr_search']:.1f}, refined from {d['snr_trial']:.1f})"
+        detection_figure(clipped_coadd(on, images, caches), lc[lc["orbit_id"] == d["orbit_id"]], title,
+                         plots / f"orbit_{d['orbit_id']}.png", stamps=stamps, stamp_mjd=on["mjd_mid_utc"].to_numpy(),
+                         slices=slices.get(int(d["orbit_id"])))
     log.info("%d orbits tried, %d above SNR %.1f, %d detections after merging duplicates",
              len(combined), len(hits), snr_threshold, len(det))
     return det
+
+
+def _refined(det, candidates, images, caches, stars_path, plan, *, smoothing_sigma_px, sigma_g_clip,
+             star_mask_radius_arcsec, refined_snr_threshold, min_images, log):
+    """Refined detections of a region search and the tracks they follow (kept images only)."""
+    from .refinement import refine_detections
+
+    stars = pd.read_parquet(stars_path) if stars_path else None
+    masked = star_mask_hits(candidates, images, stars, star_mask_radius_arcsec)
+    n_trials = sum(r["n_trials"] for r in plan["regions"])
+    log.info("region search: %d trial orbits; expected noise candidates above SNR %.1f at most %.2g (each trial "
+             "an independent N(0, 1) SNR: an upper bound, neighbouring trials share pixels)", n_trials,
+             refined_snr_threshold, expected_false_alarms(n_trials, refined_snr_threshold))
+    refined, track, slices = refine_detections(det, candidates, images, caches, masked=masked, n_sigma_g=sigma_g_clip,
+                                       smoothing_px=smoothing_sigma_px, match_px=duplicate_match_px(images),
+                                       refined_snr_threshold=refined_snr_threshold, min_images=min_images, log=log)
+    if refined.empty:
+        return det.iloc[:0], candidates.iloc[:0], {}
+    return refined, track[track["kept"]].drop(columns="kept"), slices
 
 
 RECOVERED_COLUMNS = ["orbit_id", "name", "expected_combined_snr", "detected", "detection_orbit_id"]
@@ -150,9 +192,10 @@ RECOVERED_COLUMNS = ["orbit_id", "name", "expected_combined_snr", "detected", "d
 
 def report_stage(all_orbits_path, detections_path, listed_path, plan_path, truth_paths, combined_paths, *,
                  histogram_out, completeness_out, grid_out, recovered_out, snr_threshold: float,
-                 log: logging.Logger) -> pd.DataFrame:
+                 log: logging.Logger, summary_out=None, images_path=None, rejected_path=None,
+                 catalog_path=None, experiment: str = "") -> pd.DataFrame:
     """``search_report``: SNR histogram, SNR along the listed grid, completeness against the
-    simulated truth (when there is one)."""
+    simulated truth (when there is one), and the run's summary page (``summary_out``)."""
     combined = pd.read_parquet(all_orbits_path)
     det = pd.read_parquet(detections_path)
     listed = pd.read_parquet(listed_path)
@@ -184,4 +227,13 @@ def report_stage(all_orbits_path, detections_path, listed_path, plan_path, truth
                  int(recovered.loc[bright, "detected"].sum()), int(bright.sum()), n_false)
     completeness(recovered, completeness_out)
     write_parquet(recovered, recovered_out)
+    if summary_out is not None:
+        from ..core.io import atomic_path
+        from ..report.summary import run_summary_html
+
+        page = run_summary_html(experiment, images_path=images_path, rejected_path=rejected_path,
+                                detections_path=detections_path, plan_path=plan_path, recovered_path=recovered_out,
+                                catalog_path=catalog_path, snr_threshold=snr_threshold)
+        with atomic_path(summary_out) as tmp:
+            Path(tmp).write_text(page)
     return recovered

@@ -1,0 +1,73 @@
+"""``orbits.source: region`` on the tiny survey: the covering the workflow built keeps its
+promise on the survey's own exposures, and a region that needs too much is refused up front.
+(That the search then finds the injected objects, and that refinement brings each trial onto
+its object's track, is in tests/test_workflow.py::test_injected_objects_recovered.)"""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO
+
+from skystack.core.config import load_config
+from skystack.orbits.covering import covering_loss, sample_region
+from skystack.orbits.region import region_exposures, region_trials
+
+KNOWN = REPO / "resources" / "known_objects.csv"
+TINY_REGION = load_config(REPO / "config" / "experiments" / "tiny.yaml")["orbits"]["regions"][0]
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tiny_run):
+    res = tiny_run / "results" / "tiny"
+    images = pd.read_parquet(res / "images.parquet")
+    plan = json.loads((res / "search" / "plan.json").read_text())
+    return images[images["is_difference"]], plan, pd.read_parquet(res / "search" / "orbits_listed.parquet")
+
+
+def test_the_workflows_covering_keeps_its_promise(tiny_search):
+    """Orbits drawn uniformly from the box lose at most search.max_snr_loss (0.2) of their SNR
+    against the best trial the plan listed, with the exact tracks (no metric, no linearisation)
+    on the exposures the region reaches, at the indexed PSF widths."""
+    images, plan, listed = tiny_search
+    (summary,) = plan["regions"]
+    assert summary["n_trials"] == len(listed) and summary["max_snr_loss"] == 0.2
+    exposures = region_exposures(images, summary["reference"], summary["half_width"])
+    assert len(exposures) == summary["n_exposures"]
+    samples = sample_region(summary["reference"], summary["half_width"], 300, seed=11)
+    site = {"lat_deg": exposures["site_lat_deg"].to_numpy(), "lon_deg": exposures["site_lon_deg"].to_numpy(),
+            "height_m": exposures["site_height_m"].to_numpy()}
+    loss = covering_loss(listed, samples, exposures["jd_tdb"].to_numpy(), site,
+                         exposures["psf_sigma_arcsec"].to_numpy())
+    assert loss.max() <= 0.2, np.sort(loss)[-5:]
+    # Not vacuous: a tenth of the trials leaves part of the box uncovered.
+    sparse = covering_loss(listed.iloc[::10], samples, exposures["jd_tdb"].to_numpy(), site,
+                           exposures["psf_sigma_arcsec"].to_numpy())
+    assert sparse.max() > 0.2
+
+
+def test_a_region_needing_too_many_trials_is_refused_with_the_number_and_time(tiny_search):
+    images, _, _ = tiny_search
+    with pytest.raises(ValueError, match=r"chiron-family.*needs about [\d.e+,]+ trial orbits.*would take about "
+                                         r".*search\.max_trials"):
+        region_trials([TINY_REGION], images, KNOWN, max_snr_loss=0.2, max_trials=1000)
+
+
+@pytest.mark.parametrize("region, message", [
+    ({"name": "r", "reference": "no such object", "half_width": {"a_au": 0.01}},
+     r"orbits\.regions\[0\] \(r\)\.reference: 'no such object' is not a known object"),
+    ({"name": "r", "reference": "2060 Chiron", "half_width": {}}, r"every half-width is 0"),
+    ({"name": "r", "reference": "2060 Chiron", "half_width": {"e": 0.9}}, r"leaves bound orbits"),
+    ({"name": "r", "reference": {"a_au": 13.6}, "half_width": {"a_au": 0.01}}, r"reference: missing e, inc_deg"),
+])
+def test_bad_regions_are_named(tiny_search, region, message):
+    images, _, _ = tiny_search
+    with pytest.raises(ValueError, match=message):
+        region_trials([region], images, KNOWN, max_snr_loss=0.2, max_trials=10)
+
+
+def test_a_region_the_survey_never_sees_is_refused(tiny_search):
+    images, _, _ = tiny_search
+    far = {"name": "elsewhere", "reference": "486958 Arrokoth", "half_width": {"a_au": 0.01}}
+    with pytest.raises(ValueError, match=r"elsewhere.*fall on 0 of the survey's exposures"):
+        region_trials([far], images, KNOWN, max_snr_loss=0.2, max_trials=10)
