@@ -9,7 +9,10 @@ with ``H_i`` the linear ('same' size, zero padded) convolution by ``PSF_i`` and 
 the isotropic undecimated starlet transform without its coarse scale. The solver is the
 Condat-Vu primal-dual iteration with per-stamp step sizes, one reweighting pass
 (Candes, Wakin & Boyd) by default, and a per-stamp stopping rule; stamps are independent,
-so the stack is processed in fixed-size batches with no communication between stamps.
+so the stack is solved in fixed-size chunks (on CPU one per core at a time) with no
+communication between stamps. The operators of the iterations are in :mod:`.batch_last`:
+chunks laid out with the stamp axis last and the PSF convolution by DFT matrices; those of
+:mod:`.operators` define the same operators stamp by stamp.
 
 A low-rank alternative replaces the sparsity term by ``lambda ||X||_*``, the nuclear norm
 of the stack seen as an (n_stamps, n_pixels) matrix, which couples all stamps.
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from . import batch_last
 from .metrics import mad_sigma
 from .operators import (
     convolve,
@@ -40,9 +46,7 @@ from .operators import (
     lipschitz_constants,
     psf_spectra,
     rotate_psfs,
-    starlet_adjoint,
     starlet_norm_sq,
-    starlet_transform,
 )
 
 lax = jax.lax
@@ -54,26 +58,37 @@ DEFAULT_DUAL_STEP = 0.5
 #: Safety factor on the power-iteration estimate of ||Phi||^2 (it approaches from below).
 _NORM_MARGIN = 1.02
 
-#: Smallest jitted batch. XLA fuses the starlet and the per-stamp sums differently when the
-#: stamp axis has one or two rows, which changes the last bits; padding every batch to at
-#: least this many rows keeps each stamp's result independent of how the stack is split.
-MIN_BATCH = 8
+#: Stamps per compiled chunk on CPU (the stamp axis is the SIMD axis, see batch_last). Every
+#: chunk has exactly this many rows (a short one is padded), so one compiled program solves
+#: every stamp and a stamp's result is independent of how the stack is split. At 32 stamps
+#: an image plane is 215 kB in float32, so most fused passes stay within a core's 1 MB L2,
+#: and XLA's fixed cost per operation is small against the work (64 and 128 measured the
+#: same per stamp on one core, 16 took 1.5 times as long).
+CPU_CHUNK_STAMPS = 32
 
 _DIAG_COLUMNS = ["stamp", "iterations", "cost", "converged", "noise_sigma", "primal_step", "dual_step"]
 
 
 # ---------------------------------------------------------------------------------------
-# Starlet (isotropic undecimated wavelet, a trous)
-# ---------------------------------------------------------------------------------------
-_starlet_jit = jax.jit(starlet_transform, static_argnums=1)
-
-
-# ---------------------------------------------------------------------------------------
-# PSF convolution ('same' size, zero padded, via real FFTs)
-# ---------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------
 # Noise and weights
 # ---------------------------------------------------------------------------------------
+#: PSFs per block of the set-up (weights, Lipschitz constants): bounds its memory for large
+#: stacks. The weights' blocks are all compiled at this size (the last one padded), so a
+#: stamp's weights do not depend on the stack it came in.
+SETUP_BLOCK = 32
+
+
+@functools.partial(jax.jit, static_argnames="n_bands")
+def _band_norms(canvas, b3_norm, *, n_bands):
+    """||Phi_j(canvas_i)||_2, (n, n_bands), for a block of canvases (n, ny, nx)."""
+    bands = batch_last.starlet(jnp.moveaxis(canvas, 0, -1), n_bands, b3_norm)
+    return jnp.sqrt(jnp.sum(bands**2, axis=(1, 2))).T
+
+
+def _blocks(n: int, size: int = SETUP_BLOCK):
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
 def band_weights(psfs, noise_sigma, *, n_scales: int = 4, kappa=DEFAULT_KAPPA) -> np.ndarray:
     """Sparsity weights W[i, j] = kappa_j * sigma_i * ||Phi_j(rot180 PSF_i)||_2.
 
@@ -91,10 +106,21 @@ def band_weights(psfs, noise_sigma, *, n_scales: int = 4, kappa=DEFAULT_KAPPA) -
     rot = rotate_psfs(psfs).astype(np.float64)
     margin = 2 * (2 ** (n_scales - 1) - 1)
     canvas = np.pad(rot, ((0, 0), (margin, margin), (margin, margin)))
-    bands = np.asarray(_starlet_jit(jnp.asarray(canvas), n_scales))
-    norms = np.sqrt(np.sum(bands**2, axis=(-2, -1)))
+    norms = np.concatenate([
+        np.asarray(_band_norms(jnp.asarray(_pad_rows(canvas[lo:hi], SETUP_BLOCK)), jnp.float64(16),
+                               n_bands=n_scales - 1))[: hi - lo]
+        for lo, hi in _blocks(len(canvas))]) if len(canvas) else np.zeros((0, n_scales - 1))
     sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64), (len(rot),))
     return kappa[None, :] * sigma[:, None] * norms
+
+
+def _lipschitz(psfs, stamp_shape) -> np.ndarray:
+    """:func:`lipschitz_constants` of the PSFs, block by block (the spectra of a whole
+    stack in complex128 would take 34 kB a stamp)."""
+    if len(psfs) == 0:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(lipschitz_constants(psf_spectra(psfs[lo:hi], stamp_shape, dtype="float64")))
+                           for lo, hi in _blocks(len(psfs))])
 
 
 def step_sizes(lipschitz, phi_norm_sq: float, dual_step: float = DEFAULT_DUAL_STEP):
@@ -105,17 +131,30 @@ def step_sizes(lipschitz, phi_norm_sq: float, dual_step: float = DEFAULT_DUAL_ST
 
 
 # ---------------------------------------------------------------------------------------
-# Sparse solver: one stamp, vmapped and jitted at module level
+# Sparse solver: chunks of stamps, stamp axis last (see batch_last), jitted at module level
 # ---------------------------------------------------------------------------------------
 class _State(NamedTuple):
-    x: jax.Array          # primal estimate (ny, nx)
+    """Loop state of a chunk of B stamps; images (ny, nx, B), bands (n_bands, ny, nx, B)."""
+
+    x: jax.Array          # primal estimate
     hx: jax.Array         # H x, kept so the cost needs no extra convolution
-    phix: jax.Array       # Phi x (bands, ny, nx)
-    u: jax.Array          # dual variable (bands, ny, nx)
-    cost: jax.Array       # cost at x with the current weights
-    k_pass: jax.Array     # iterations in this reweighting pass
-    k_total: jax.Array    # iterations over all passes
-    done: jax.Array       # relative cost change fell below tol in this pass
+    phix: jax.Array       # Phi x
+    u: jax.Array          # dual variable
+    cost: jax.Array       # (B,) cost at x with the current weights
+    k_pass: jax.Array     # (B,) iterations in this reweighting pass
+    k_total: jax.Array    # (B,) iterations over all passes
+    done: jax.Array       # (B,) relative cost change fell below tol in this pass
+
+
+class _Problem(NamedTuple):
+    """What a chunk's iterations read; per-stamp scalars are (B,), broadcast on the last axis."""
+
+    y: jax.Array          # observed stamps (ny, nx, B)
+    mult: jax.Array       # PSF planes (4, Ky, Kx, B), batch_last.psf_multipliers
+    tau: jax.Array
+    sigma: jax.Array
+    rho: jax.Array
+    b3_norm: jax.Array    # 16, as data (batch_last._smooth_axis)
 
 
 def _stalled(cost, previous, tol):
@@ -125,32 +164,58 @@ def _stalled(cost, previous, tol):
     return jnp.logical_and(tol > 0, jnp.abs(cost - previous) <= tol * jnp.abs(previous))
 
 
+def _sum_dtype():
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def _pixel_sum(a):
+    """Per-stamp sum (B,) of a (ny, nx, B), as the product of a vector of ones with the
+    (ny nx, B) matrix: sums over the leading axes are slow both in XLA's own reductions
+    and in its GEMM library's (they took a sixth of an iteration); the product streams."""
+    flat = a.reshape(-1, a.shape[-1])
+    return jnp.ones(flat.shape[0], a.dtype) @ flat
+
+
 def _sparse_cost(y, hx, phix, w):
-    return 0.5 * jnp.sum((y - hx) ** 2) + jnp.sum(jnp.abs(w * phix))
+    """Per-stamp cost (B,): each term summed in the pixel dtype, as before; the total and
+    the stopping rule in float64."""
+    prior = functools.reduce(jnp.add, [jnp.abs(w[j] * phix[j]) for j in range(phix.shape[0])])
+    acc = _sum_dtype()
+    return _pixel_sum(0.5 * (y - hx) ** 2).astype(acc) + _pixel_sum(prior).astype(acc)
 
 
-def _sparse_pass(state: _State, y, spec, w, tau, sigma, rho, tol, max_iter):
-    """Condat-Vu iterations for one stamp until its relative cost change is below tol."""
+def _condat_step(s: _State, p: _Problem, w, op: batch_last.Convolver, rho):
+    """One Condat-Vu iteration of every stamp of the chunk, relaxed by ``rho`` (B,):
+    (x, hx, phix, u) after it."""
+    n_bands = s.phix.shape[0]
+    grad = batch_last.convolve(s.hx - p.y, p.mult, op, adjoint=True)
+    x_half = jnp.maximum(s.x - p.tau * (grad + batch_last.starlet_adjoint(s.u, p.b3_norm)), 0)
+    phi_half = batch_last.starlet(x_half, n_bands, p.b3_norm)
+    # prox of sigma f^*, f the weighted l1 norm: projection on the box |u| <= w
+    u_half = jnp.minimum(jnp.maximum(s.u + p.sigma * (2 * phi_half - s.phix), -w), w)
+    hx_half = batch_last.convolve(x_half, p.mult, op)
+    relax = lambda old, half: old + rho * (half - old)  # noqa: E731
+    return relax(s.x, x_half), relax(s.hx, hx_half), relax(s.phix, phi_half), relax(s.u, u_half)
 
-    def cond(s):
+
+def _sparse_pass(state: _State, p: _Problem, w, tol, max_iter, op: batch_last.Convolver):
+    """Iterate until every stamp's relative cost change is below tol (or max_iter); a
+    stamp that has stopped keeps its state while the others go on."""
+
+    def running(s):
         return jnp.logical_and(~s.done, s.k_pass < max_iter)
 
     def body(s):
-        grad = correlate(s.hx - y, spec)
-        x_half = jnp.maximum(s.x - tau * (grad + starlet_adjoint(s.u)), 0)
-        phi_half = starlet_transform(x_half, s.phix.shape[0] + 1)
-        # prox of sigma f^*, f the weighted l1 norm: projection on the box |u| <= w
-        u_half = jnp.clip(s.u + sigma * (2 * phi_half - s.phix), -w, w)
-        hx_half = convolve(x_half, spec)
-        x = s.x + rho * (x_half - s.x)
-        hx = s.hx + rho * (hx_half - s.hx)
-        phix = s.phix + rho * (phi_half - s.phix)
-        u = s.u + rho * (u_half - s.u)
-        cost = _sparse_cost(y, hx, phix, w)
-        done = _stalled(cost, s.cost, tol)
-        return _State(x, hx, phix, u, cost, s.k_pass + 1, s.k_total + 1, done)
+        live = running(s)
+        # a stamp that has stopped takes a zero step: x + 0 (x_half - x) is x exactly, so
+        # it keeps its state without a select over every image of the state
+        x, hx, phix, u = _condat_step(s, p, w, op, jnp.where(live, p.rho, 0))
+        cost = _sparse_cost(p.y, hx, phix, w)
+        keep = lambda a, b: jnp.where(live, a, b)  # noqa: E731
+        return _State(x, hx, phix, u, keep(cost, s.cost), keep(s.k_pass + 1, s.k_pass),
+                      keep(s.k_total + 1, s.k_total), keep(_stalled(cost, s.cost, tol), s.done))
 
-    return lax.while_loop(cond, body, state)
+    return lax.while_loop(lambda s: jnp.any(running(s)), body, state)
 
 
 def _reweight(w, phix):
@@ -159,29 +224,37 @@ def _reweight(w, phix):
     return jnp.where(w > 0, w / (1 + jnp.abs(phix) / safe), 0)
 
 
-def _solve_sparse_one(y, x0, spec, band_w, tau, sigma, rho, tol, max_iter, n_scales, n_reweights):
+def _stamps_last(a):
+    return jnp.moveaxis(a, 0, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("n_scales", "n_reweights", "fft_shape"))
+def _solve_sparse_chunk(y, x0, mult, weights, tau, sigma, rho, tol, max_iter, b3_norm, *, n_scales,
+                        n_reweights, fft_shape):
+    """Solve a chunk of stamps; inputs and outputs have the stamp axis first.
+
+    ``weights`` (B, n_bands, ny, nx) are the band weights spread over the pixels: as an
+    input XLA reads them, where a broadcast inside the loop would be rebuilt every iteration.
+
+    Every chunk has the same number of stamps and each stamp's arithmetic involves no other
+    stamp, so a stamp's result does not depend on which chunk, shard or position it is in.
+    """
     n_bands = n_scales - 1
-    w = jnp.broadcast_to(band_w[:, None, None], (n_bands,) + y.shape).astype(y.dtype)
-    hx = convolve(x0, spec)
-    phix = starlet_transform(x0, n_scales)
-    zero = jnp.zeros((), jnp.int32)
-    state = _State(x0, hx, phix, jnp.zeros_like(phix), _sparse_cost(y, hx, phix, w), zero, zero,
-                   jnp.zeros((), bool))
-    state = _sparse_pass(state, y, spec, w, tau, sigma, rho, tol, max_iter)
+    op = batch_last.convolver(y.shape[1:], fft_shape, y.dtype)
+    p = _Problem(_stamps_last(y), _stamps_last(mult), tau, sigma, rho, b3_norm)
+    x = _stamps_last(x0)
+    w = _stamps_last(weights)
+    hx = batch_last.convolve(x, p.mult, op)
+    phix = batch_last.starlet(x, n_bands, b3_norm)
+    zero = jnp.zeros(tau.shape, jnp.int32)
+    no = jnp.zeros(tau.shape, bool)
+    state = _State(x, hx, phix, jnp.zeros_like(phix), _sparse_cost(p.y, hx, phix, w), zero, zero, no)
+    state = _sparse_pass(state, p, w, tol, max_iter, op)
     for _ in range(n_reweights):
         w = _reweight(w, state.phix)
-        state = state._replace(cost=_sparse_cost(y, state.hx, state.phix, w), k_pass=zero,
-                               done=jnp.zeros((), bool))
-        state = _sparse_pass(state, y, spec, w, tau, sigma, rho, tol, max_iter)
-    return state.x, state.k_total, state.cost, state.done
-
-
-@functools.partial(jax.jit, static_argnames=("n_scales", "n_reweights"))
-def _solve_sparse_batch(y, x0, spec, band_w, tau, sigma, rho, tol, max_iter, *, n_scales, n_reweights):
-    """The vmapped solver: a converged stamp keeps its state while the others iterate."""
-    solve = functools.partial(_solve_sparse_one, n_scales=n_scales, n_reweights=n_reweights)
-    return jax.vmap(solve, in_axes=(0, 0, 0, 0, 0, 0, None, None, None))(
-        y, x0, spec, band_w, tau, sigma, rho, tol, max_iter)
+        state = state._replace(cost=_sparse_cost(p.y, state.hx, state.phix, w), k_pass=zero, done=no)
+        state = _sparse_pass(state, p, w, tol, max_iter, op)
+    return jnp.moveaxis(state.x, -1, 0), state.k_total, state.cost, state.done
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,7 +380,9 @@ def deconvolve_stack(
     x0 : array_like (n, ny, nx), optional
         Starting point; default the positive part of the stamps.
     batch_size : int
-        Stamps per jitted batch (sparse mode); short stacks are padded to ``MIN_BATCH``.
+        Stamps between ``progress`` calls (sparse mode). On CPU each batch is solved in
+        chunks of ``CPU_CHUNK_STAMPS``, one per core at a time; on an accelerator each batch
+        is one call, padded to ``batch_size`` stamps.
     dtype : {"float32", "float64"}
     progress : callable, optional
         Called as ``progress(n_done, n)`` after each batch (sparse mode) or the solve.
@@ -328,8 +403,7 @@ def deconvolve_stack(
     n, ny, nx = stamps.shape
     sigma_noise = mad_sigma(stamps) if noise_sigma is None else np.broadcast_to(
         np.asarray(noise_sigma, dtype=np.float64), (n,)).copy()
-    spec64 = psf_spectra(psfs, (ny, nx), dtype="float64")
-    beta = np.asarray(lipschitz_constants(spec64))
+    beta = _lipschitz(psfs, (ny, nx))
     l_norm_sq = starlet_norm_sq((ny, nx), n_scales) * _NORM_MARGIN if mode == "sparse" else 1.0
     tau_auto, sigma_dual = step_sizes(beta, l_norm_sq, dual_step)
     if primal_step is None:
@@ -341,9 +415,9 @@ def deconvolve_stack(
     start = np.maximum(stamps, 0) if x0 is None else np.asarray(x0)
     if start.shape != stamps.shape:
         raise ValueError(f"x0 has shape {start.shape}, stamps {stamps.shape}")
-    spec = spec64.astype(jnp.complex64 if dtype == "float32" else jnp.complex128)
 
     if mode == "lowrank":
+        spec = psf_spectra(psfs, (ny, nx), dtype=dtype)
         lam = lowrank_lambda
         if lam is None:
             psf_l2 = np.sqrt(np.sum(np.asarray(psfs, dtype=np.float64) ** 2, axis=(-2, -1)))
@@ -362,29 +436,72 @@ def deconvolve_stack(
         return np.asarray(x), diag[_DIAG_COLUMNS]
 
     band_w = band_weights(psfs, sigma_noise, n_scales=n_scales, kappa=kappa)
-    out_x = np.empty((n, ny, nx), dtype)
-    iters = np.empty(n, np.int64)
-    costs = np.empty(n, np.float64)
-    conv = np.empty(n, bool)
-    step = min(batch_size, n)
-    size = max(step, MIN_BATCH)
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
-        take = lambda a: _pad_rows(a[lo:hi], size)  # noqa: E731
-        x, k, cost, done = _solve_sparse_batch(
-            jnp.asarray(take(stamps), dtype), jnp.asarray(take(start), dtype), jnp.asarray(take(np.asarray(spec))),
-            jnp.asarray(take(band_w), dtype), jnp.asarray(take(tau), dtype), jnp.asarray(take(sigma_dual), dtype),
-            rho, tol, max_iter, n_scales=n_scales, n_reweights=n_reweights)
-        m = hi - lo
-        out_x[lo:hi] = np.asarray(x)[:m]
-        iters[lo:hi] = np.asarray(k)[:m]
-        costs[lo:hi] = np.asarray(cost)[:m]
-        conv[lo:hi] = np.asarray(done)[:m]
-        if progress is not None:
-            progress(hi, n)
-    diag = pd.DataFrame({"stamp": np.arange(n), "iterations": iters, "cost": costs, "converged": conv,
-                         "noise_sigma": sigma_noise, "primal_step": tau, "dual_step": sigma_dual})
-    return out_x, diag[_DIAG_COLUMNS]
+    problem = dict(stamps=stamps, start=start, psfs=psfs, band_w=band_w, tau=tau, sigma=sigma_dual)
+    settings = dict(rho=rho, tol=tol, max_iter=max_iter, n_scales=n_scales, n_reweights=n_reweights, dtype=dtype)
+    out = _SparseOutputs(n, (ny, nx), dtype)
+    chunk = chunk_stamps(batch_size)
+    with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            bounds = [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
+            for a, b, result in pool.map(lambda ab: (*ab, _solve_chunk(problem, settings, *ab, chunk)), bounds):
+                out.store(a, b, result)
+            if progress is not None:
+                progress(hi, n)
+    diag = pd.DataFrame({"stamp": np.arange(n), "iterations": out.iters, "cost": out.costs,
+                         "converged": out.converged, "noise_sigma": sigma_noise, "primal_step": tau,
+                         "dual_step": sigma_dual})
+    return out.x, diag[_DIAG_COLUMNS]
+
+
+class _SparseOutputs:
+    """Per-stamp results, filled chunk by chunk."""
+
+    def __init__(self, n: int, shape, dtype):
+        self.x = np.empty((n,) + tuple(shape), dtype)
+        self.iters = np.empty(n, np.int64)
+        self.costs = np.empty(n, np.float64)
+        self.converged = np.empty(n, bool)
+
+    def store(self, lo: int, hi: int, result) -> None:
+        x, k, cost, done = (np.asarray(r)[: hi - lo] for r in result)
+        self.x[lo:hi], self.iters[lo:hi], self.costs[lo:hi], self.converged[lo:hi] = x, k, cost, done
+
+
+def _solve_chunk(problem: dict, settings: dict, lo: int, hi: int, size: int):
+    """Stamps [lo, hi) padded to ``size`` rows (repeats of the last), solved by one call."""
+    dtype = settings["dtype"]
+    take = lambda a: jnp.asarray(_pad_rows(a[lo:hi], size), dtype)  # noqa: E731
+    psfs = _pad_rows(problem["psfs"][lo:hi], size)
+    stamp_shape = problem["stamps"].shape[1:]
+    fft_shape = tuple(batch_last.exact_size(n, s) for n, s in zip(stamp_shape, psfs.shape[1:]))
+    axes = tuple(batch_last.dft_axis(n, m) for n, m in zip(stamp_shape, fft_shape))
+    mult = batch_last.psf_multipliers(psfs, stamp_shape, axes)
+    band_w = _pad_rows(problem["band_w"][lo:hi], size)
+    weights = np.broadcast_to(band_w[:, :, None, None], band_w.shape + tuple(stamp_shape))
+    return _solve_sparse_chunk(
+        take(problem["stamps"]), take(problem["start"]), jnp.asarray(mult, dtype), jnp.asarray(weights, dtype),
+        take(problem["tau"]), take(problem["sigma"]), settings["rho"], settings["tol"], settings["max_iter"],
+        jnp.asarray(16, dtype), n_scales=settings["n_scales"], n_reweights=settings["n_reweights"],
+        fft_shape=fft_shape)
+
+
+def chunk_stamps(batch_size: int) -> int:
+    """Stamps per compiled solve. On CPU a fixed chunk that keeps a solve's state in cache
+    and gives the SIMD lanes whole vectors; elsewhere the batch, one launch per batch. A fixed
+    size per backend means one compiled shape, so results do not depend on the split."""
+    return CPU_CHUNK_STAMPS if jax.default_backend() == "cpu" else batch_size
+
+
+def worker_threads() -> int:
+    """Concurrent chunk solves: one per core on CPU (XLA runs a small chunk on about one
+    core), one on an accelerator."""
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without affinity masks
+        return max(1, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------
