@@ -49,11 +49,15 @@ def run_snakemake(workdir, *args, configfile=None, cores=2, check=True, env=None
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) the tests that
-    share the session's tiny run, and those that bring up the local Slurm cluster, go to one
-    worker: the run is made once and only one cluster is started on the machine."""
+    bring up the local Slurm cluster go to one worker (one cluster on the machine), and those
+    that share the session's tiny run to one worker (the run is made once there; the Slurm
+    worker makes its own for the Slurm run to be compared with, which balances the two)."""
     for item in items:
-        if {"tiny_run", "slurm_cluster"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("tiny_run_and_slurm"))
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "slurm_cluster" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif "tiny_run" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("tiny_run"))
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,14 @@ def overlay(tmp_path, name, settings):
     return [TINY, path]
 
 
-@pytest.mark.parametrize("partitions, chunk_size, cores, with_catalog", [(1, 4000, 1, True), (4, 2500, 2, False)])
-def test_results_independent_of_partitions_chunks_and_cores(tiny_run, tmp_path, partitions, chunk_size, cores,
-                                                            with_catalog):
+@pytest.mark.parametrize("partitions, chunk_size, chunks_per_job, cores, with_catalog",
+                         [(1, 4000, 3, 1, True), (4, 9000, 1, 2, False)])
+def test_results_independent_of_partitions_chunks_and_cores(tiny_run, tmp_path, partitions, chunk_size,
+                                                            chunks_per_job, cores, with_catalog):
     """The reference run has 2 partitions, chunks of 6000 trial orbits, 2 cores. (The catalog, which
     does not depend on the partitions, is checked on 1 core only, to save time.)"""
     staging = tmp_path / "node_local"
-    config = overlay(tmp_path, "cut", {"partitions": partitions, "orbits": {"chunk_size": chunk_size, "chunks_per_job": 3},
+    config = overlay(tmp_path, "cut", {"partitions": partitions, "orbits": {"chunk_size": chunk_size, "chunks_per_job": chunks_per_job},
                                        "search": {"staging_dir": str(staging)},
                                        "catalog": {"enabled": with_catalog}, "deconvolve": {"enabled": False}})
     run_snakemake(tmp_path, configfile=config, cores=cores)
