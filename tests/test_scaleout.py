@@ -25,7 +25,8 @@ def test_results_independent_of_partitions_chunks_and_cores(tiny_run, tmp_path, 
     """The reference run has 2 partitions, chunks of 6000 trial orbits, 2 cores. (The catalog, which
     does not depend on the partitions, is checked on 1 core only, to save time.)"""
     staging = tmp_path / "node_local"
-    config = overlay(tmp_path, "cut", {"partitions": partitions, "orbits": {"chunk_size": chunk_size, "chunks_per_job": chunks_per_job},
+    orbits = {"chunk_size": chunk_size, "chunks_per_job": chunks_per_job}
+    config = overlay(tmp_path, "cut", {"partitions": partitions, "orbits": orbits,
                                        "search": {"staging_dir": str(staging)},
                                        "catalog": {"enabled": with_catalog}, "deconvolve": {"enabled": False}})
     run_snakemake(tmp_path, configfile=config, cores=cores)
