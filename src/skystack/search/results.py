@@ -62,19 +62,12 @@ def _weighted_median_stack(values: np.ndarray, weights: np.ndarray) -> np.ndarra
 
 
 def coadd_stamp(positions: pd.DataFrame, images: pd.DataFrame, caches: dict, radius: int = 8) -> np.ndarray:
-    """Inverse-variance weighted mean of the patches along an orbit, in nmgy per pixel."""
-    meta = images.set_index("image_id")
-    num = np.zeros((2 * radius + 1,) * 2)
-    den = np.zeros_like(num)
-    for part, g in positions.assign(partition=meta.loc[positions["image_id"], "partition"].to_numpy()).groupby("partition"):
-        m = meta.loc[g["image_id"]]
-        patches = caches[int(part)].patches(g["image_id"].to_numpy(), g["x"].to_numpy(), g["y"].to_numpy(), radius)
-        scale = counts_per_nmgy(m["magzp"].to_numpy())[:, None, None]
-        bg = np.where(m["is_difference"].to_numpy(), 0.0, m["sky_level"].to_numpy())[:, None, None]
-        w = (scale / m["noise_sigma"].to_numpy()[:, None, None]) ** 2 * np.isfinite(patches)
-        num += np.nansum(np.where(np.isfinite(patches), (patches - bg) / scale, 0.0) * w, axis=0)
-        den += w.sum(axis=0)
-    return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+    """Inverse-variance weighted mean of the patches along an orbit, in nmgy per pixel (the
+    unclipped counterpart of ``clipped_coadd``)."""
+    stamps, noise = stamps_nmgy(positions, images, caches, radius)
+    w = np.where(np.isfinite(stamps), 1.0 / noise[:, None, None] ** 2, 0.0)
+    num, den = (np.where(w > 0, stamps, 0.0) * w).sum(axis=0), w.sum(axis=0)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
 def expected_false_alarms(n_orbits: int, snr_threshold: float, snr_sd: float = 1.0) -> float:
