@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO
 
 from skystack.core.config import load_config
-from skystack.orbits.covering import covering_loss, sample_region
+from skystack.orbits.covering import REGION_ELEMENTS, covering_loss, sample_region
+from skystack.orbits.ellipsoid import sample_ellipsoid
 from skystack.orbits.region import region_exposures, region_trials
 
 KNOWN = REPO / "resources" / "known_objects.csv"
@@ -46,6 +47,28 @@ def test_the_workflows_covering_keeps_its_promise(tiny_search):
     assert sparse.max() > 0.2
 
 
+def test_a_covariance_region_is_covered_with_fewer_trials(tiny_search):
+    """The tiny box as a 3-sigma ellipsoid with a fit's correlations (a with mean anomaly 0.97,
+    inclination with node 0.9): fewer trials than the box, and orbits drawn uniformly from the
+    ellipsoid still lose at most 0.2 against them (exact tracks); a tenth of them does not hold."""
+    images, plan, box_trials = tiny_search
+    sd = np.array([TINY_REGION["half_width"][k] for k in REGION_ELEMENTS]) / 3.0
+    corr = np.eye(6)
+    corr[0, 5] = corr[5, 0] = 0.97
+    corr[2, 3] = corr[3, 2] = 0.9
+    cov = np.diag(sd) @ corr @ np.diag(sd)
+    spec = {"name": "fit", "reference": TINY_REGION["reference"], "covariance": cov.tolist(), "n_sigma": 3}
+    trials, (summary,) = region_trials([spec], images, KNOWN, max_snr_loss=0.2, max_trials=10**6)
+    assert summary["n_box_trials"] == len(box_trials) and len(trials) < 0.5 * len(box_trials)
+    exposures = region_exposures(images, summary["reference"], summary["half_width"])
+    site = {"lat_deg": exposures["site_lat_deg"].to_numpy(), "lon_deg": exposures["site_lon_deg"].to_numpy(),
+            "height_m": exposures["site_height_m"].to_numpy()}
+    samples = sample_ellipsoid(summary["reference"], cov, 3.0, 300, seed=5)
+    args = (exposures["jd_tdb"].to_numpy(), site, exposures["psf_sigma_arcsec"].to_numpy())
+    assert covering_loss(trials, samples, *args).max() <= 0.2
+    assert covering_loss(trials.iloc[::10], samples, *args).max() > 0.2
+
+
 def test_a_region_needing_too_many_trials_is_refused_with_the_number_and_time(tiny_search):
     images, _, _ = tiny_search
     with pytest.raises(ValueError, match=r"chiron-family.*needs about [\d.e+,]+ trial orbits.*would take about "
@@ -59,6 +82,8 @@ def test_a_region_needing_too_many_trials_is_refused_with_the_number_and_time(ti
     ({"name": "r", "reference": "2060 Chiron", "half_width": {}}, r"every half-width is 0"),
     ({"name": "r", "reference": "2060 Chiron", "half_width": {"e": 0.9}}, r"leaves bound orbits"),
     ({"name": "r", "reference": {"a_au": 13.6}, "half_width": {"a_au": 0.01}}, r"reference: missing e, inc_deg"),
+    ({"name": "r", "reference": "2060 Chiron", "half_width": {"a_au": 0.01}, "covariance": np.eye(6).tolist()},
+     r"\(r\): a half_width or a covariance, not both"),
 ])
 def test_bad_regions_are_named(tiny_search, region, message):
     images, _, _ = tiny_search

@@ -109,6 +109,7 @@ import pandas as pd
 from ..astrometry.directions import _directions, _directions_jit, observer_states
 from ..astrometry.kepler import OrbitArrays, ecliptic_to_icrs_matrix, orbit_arrays
 from ..core.units import FWHM_PER_SIGMA, GAUSS_K
+from .noise_peaks import tile_lipschitz_killing
 from .table import ELEMENT_COLUMNS, validate_orbits
 
 #: The six elements a region varies (the epoch is fixed).
@@ -878,10 +879,13 @@ def covering_plan(reference, half_width, metric: TrackMetric, max_snr_loss: floa
     which = (np.sort(np.random.default_rng(seed).choice(n_tiles, max_tile_plans, replace=False)) if sampled
              else np.arange(n_tiles))
     lower = estimate = 0.0
+    curvatures = np.zeros(7)
     for s in range(0, len(which), 256):
         for tp in plans.plan(which[s:s + 256]):
             lower += tp["split"].lower_bound
             estimate += tp["split"].estimate
+            lk = tile_lipschitz_killing(tp["a_mat"].T @ tp["a_mat"], counts[tp["varied"]])
+            curvatures[:len(lk)] += lk
     scale = n_tiles / len(which)
     centre_tile = int(np.ravel_multi_index(tuple(counts // 2), tuple(counts)))
     head = _tile_summary(plans[centre_tile], lattice)
@@ -892,6 +896,7 @@ def covering_plan(reference, half_width, metric: TrackMetric, max_snr_loss: floa
         "tiles": {REGION_ELEMENTS[j]: int(counts[j]) for j in range(6)},
         "lower_bound": float(lower * scale),
         "estimate": float(estimate * scale),
+        "lipschitz_killing": (curvatures * scale).tolist(),
         "sizes_sampled": bool(sampled),
         "promised_loss": float(max_snr_loss),
         "linear_loss_bound": float(-math.expm1(-rho2)),

@@ -1,7 +1,9 @@
 """``orbits.source: region``: the trial orbits that cover each configured region of orbit space.
 
 A region is a reference orbit (a known object's name or six elements with their epoch) and a
-half-width per element (``orbits.regions[].half_width``, the schema's units). The covering
+half-width per element (``orbits.regions[].half_width``, the schema's units), or a 6 x 6
+covariance with ``n_sigma`` (``orbits.ellipsoid``: the box of its marginal widths is covered and
+the trials no orbit of the ellipsoid needs are dropped). The covering
 (``orbits.covering``) is built from the survey's own metric: the exposures that orbits of the
 region reach (found with the search's own intersection code on orbits sampled from the box),
 their times and sites, and the width of the matched filter on them (the indexed PSF, widened
@@ -25,6 +27,8 @@ from .covering import (
     sample_region,
     track_metric,
 )
+from .ellipsoid import ellipsoid_half_width, prune_to_ellipsoid, region_ellipsoid
+from .noise_peaks import scaled_to_filter
 from .table import ELEMENT_COLUMNS, load_known_objects
 
 #: Orbits sampled from a box (its 2^6 vertices are added) to find the exposures it reaches.
@@ -94,14 +98,31 @@ def region_exposures(images: pd.DataFrame, reference: dict, hw: dict, *, smoothi
     reached = images[images["image_id"].isin(hits["image_id"].unique())].copy()
     if reached.empty:
         return pd.DataFrame(columns=["exposure_id", "jd_tdb", "site_lat_deg", "site_lon_deg", "site_height_m",
-                                     "psf_sigma_arcsec", "n_images"])
+                                     "psf_sigma_arcsec", "unsmoothed_sigma_arcsec", "n_images"])
     scale = np.array([pixel_scale_arcsec(WCS(fits.Header.fromstring(h))) for h in reached["wcs_header"]])
     reached["filter_sigma_arcsec"] = np.hypot(reached["psf_sigma_px"].to_numpy(float), smoothing_sigma_px) * scale
+    reached["unsmoothed_sigma_arcsec"] = reached["psf_sigma_px"].to_numpy(float) * scale
     per = reached.groupby("exposure_id", sort=True).agg(
         jd_tdb=("jd_tdb_mid", "first"), site_lat_deg=("site_lat_deg", "first"), site_lon_deg=("site_lon_deg", "first"),
         site_height_m=("site_height_m", "first"), psf_sigma_arcsec=("filter_sigma_arcsec", "mean"),
-        n_images=("image_id", "size"))
+        unsmoothed_sigma_arcsec=("unsmoothed_sigma_arcsec", "mean"), n_images=("image_id", "size"))
     return per.reset_index()
+
+
+def _ellipsoid_of(spec: dict, where: str):
+    """(covariance, n_sigma) of a region given as an ellipsoid, None for a box."""
+    if "covariance" not in spec:
+        if "n_sigma" in spec:
+            raise ValueError(f"{where}: n_sigma needs a covariance")
+        return None
+    if "half_width" in spec:
+        raise ValueError(f"{where}: a half_width or a covariance, not both")
+    return region_ellipsoid(spec, where)
+
+
+def _width_ratio(exp: pd.DataFrame) -> float:
+    """How much narrower the unsmoothed filter is than the covering's (rms over exposures, as M)."""
+    return float(np.sqrt(np.mean(exp["unsmoothed_sigma_arcsec"] ** -2) / np.mean(exp["psf_sigma_arcsec"] ** -2)))
 
 
 def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_loss: float, max_trials: int,
@@ -125,7 +146,8 @@ def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_lo
     for i, (spec, name) in enumerate(zip(regions, names)):
         where = f"orbits.regions[{i}] ({name})"
         ref = region_reference(spec, known, where)
-        hw = region_half_width(spec, ref, where)
+        ellipsoid = _ellipsoid_of(spec, where)
+        hw = region_half_width({"half_width": ellipsoid_half_width(*ellipsoid)} if ellipsoid else spec, ref, where)
         exp = region_exposures(images, ref, hw, smoothing_sigma_px=smoothing_sigma_px, seed=seed + i)
         if len(exp) < 3:
             raise ValueError(f"{where}: orbits of the region fall on {len(exp)} of the survey's exposures; a search "
@@ -140,6 +162,9 @@ def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_lo
         except ValueError as err:
             raise ValueError(f"{where}: {err} (search.max_trials bounds all regions together; raise it, narrow "
                              f"the region, raise search.max_snr_loss or smooth: search.smoothing_sigma_px)") from None
+        n_box = len(trials)
+        if ellipsoid:
+            trials = prune_to_ellipsoid(trials, ref, *ellipsoid, metric.matrix, summary["rho"] ** 2, start_id)
         budget_left -= len(trials)
         start_id += len(trials)
         parts.append(trials.assign(name=name))
@@ -151,6 +176,11 @@ def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_lo
             "max_snr_loss": float(max_snr_loss), "linear_loss_bound": float(summary["linear_loss_bound"]),
             "dimension": int(summary.get("dimension", 0)),
             "varied_elements": list(summary["varied_elements"]),
+            **({"covariance": ellipsoid[0].tolist(), "n_sigma": ellipsoid[1], "n_box_trials": n_box} if ellipsoid
+               else {}),
+            # The SNR field's curvatures at full resolution (refinement's), for the noise peaks to expect
+            # (for an ellipsoid, those of the box that holds it: an upper bound).
+            "lipschitz_killing": scaled_to_filter(summary["lipschitz_killing"], _width_ratio(exp)).tolist(),
         })
         log.info("region %s: %d trial orbits cover the box for max SNR loss %.3g (%d tiles, safety factor %.3g, "
                  "%d thick directions) on %d exposures (%d images, matched filter sigma %.2f arcsec median); "
