@@ -1,17 +1,25 @@
 """Figures for detections and for the Snakemake report."""
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
 from ..core.io import atomic_path
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use: most jobs that import the
+    stages draw nothing, and pyplot is a large part of a job's start-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig, path) -> None:
+    plt = _pyplot()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -44,7 +52,7 @@ def detection_figure(stamp: np.ndarray, light_curve: pd.DataFrame, title: str, p
     n_slices = len(slices or {})
     rows = 1 + (n_strip > 0) + (n_slices > 0)
     heights = [3.2] + [1.1] * (n_strip > 0) + [1.9] * (n_slices > 0)
-    fig = plt.figure(figsize=(11, 0.6 + sum(heights)))
+    fig = _pyplot().figure(figsize=(11, 0.6 + sum(heights)))
     grid = fig.add_gridspec(rows, 12, height_ratios=heights, wspace=0.9, hspace=0.5)
     ax0, ax1 = fig.add_subplot(grid[0, :4]), fig.add_subplot(grid[0, 5:])
     lo, hi = _linear_limits(stamp)
@@ -87,7 +95,7 @@ def detection_figure(stamp: np.ndarray, light_curve: pd.DataFrame, title: str, p
 
 def snr_histogram(snr: np.ndarray, threshold: float, path) -> None:
     """Combined SNR of every orbit tried, against the N(0, 1) expected from noise alone."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     snr = np.asarray(snr)
     lo, hi = min(-6.0, float(np.nanmin(snr, initial=0))), max(12.0, float(np.nanmax(snr, initial=0)))
     bins = np.linspace(lo, hi, 80)
@@ -106,7 +114,7 @@ def snr_histogram(snr: np.ndarray, threshold: float, path) -> None:
 
 def completeness(truth: pd.DataFrame, path) -> None:
     """Fraction of injected objects detected against their expected combined SNR."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     if truth.empty:
         ax.text(0.5, 0.5, "no injected objects (survey not simulated)", ha="center", transform=ax.transAxes)
         _save(fig, path)
@@ -126,7 +134,7 @@ def completeness(truth: pd.DataFrame, path) -> None:
 
 def snr_versus_parameter(values: np.ndarray, snr: np.ndarray, truth_value: float, xlabel: str, path) -> None:
     """Combined SNR along a one-parameter orbit grid, the true value marked."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     if len(values) == 0:
         ax.text(0.5, 0.5, "no orbit grid in this experiment\n(orbits.source: grid searches one)",
                 ha="center", va="center", transform=ax.transAxes)
@@ -142,7 +150,7 @@ def snr_versus_parameter(values: np.ndarray, snr: np.ndarray, truth_value: float
 def catalog_figure(catalog: pd.DataFrame, path) -> None:
     """Position and flux uncertainty against magnitude (r, else the first band), stars and
     galaxies apart; an empty catalog gives a figure that says so."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(9, 3.6))
     bands = [c[5:-5] for c in catalog.columns if c.startswith("flux_") and c.endswith("_nmgy") and "_sd_" not in c]
     band = "r" if "r" in bands else (bands[0] if bands else None)
     if band is None or len(catalog) == 0:
@@ -170,7 +178,7 @@ def deconvolution_figure(stamps: np.ndarray, psfs: np.ndarray, deconvolved: np.n
                          path, n_show: int = 4) -> None:
     """Observed stamp, PSF and deconvolved stamp for the first few galaxies."""
     n = min(n_show, len(stamps))
-    fig, axes = plt.subplots(max(n, 1), 3, figsize=(7, 2.3 * max(n, 1)), squeeze=False)
+    fig, axes = _pyplot().subplots(max(n, 1), 3, figsize=(7, 2.3 * max(n, 1)), squeeze=False)
     for i in range(n):
         for ax, img, title in zip(axes[i], (stamps[i], psfs[i], deconvolved[i]), ("observed", "PSF", "deconvolved")):
             lo, hi = np.nanpercentile(img, [1, 99.5])
