@@ -5,8 +5,11 @@ then gathers the same random patches three ways: the tile cache (one vectorized 
 fitsio section reads per patch (how a FITS reader fetches a patch), and a vectorized gather
 on the memory-mapped row-major FITS data (same code path as the cache, other layout).
 Pages are warm in both cases after the first pass; --cold drops the page cache first (root).
+The cache also gathers clustered patches (all of an image's within ``--cluster-px``, as a
+region search's orbits fall), which it slices from assembled blocks of tiles; and the
+machine's copy bandwidth is measured (a 256 MiB numpy copy) to set the gathers against.
 
-    python -m benchmarks.tile_cache [--images 8] [--patches 200000] [--radius 4]
+    python -m benchmarks.tile_cache [--images 8] [--patches 200000] [--radius 4] [--tile 32]
 """
 from __future__ import annotations
 
@@ -34,6 +37,18 @@ def drop_page_cache() -> bool:
         return False
 
 
+def copy_bandwidth_gb_s(mib: int = 256, repeat: int = 5) -> float:
+    """Bytes read plus written per second by the best of ``repeat`` large numpy copies."""
+    src = np.ones(mib << 18, np.float32)
+    dst = np.empty_like(src)
+    best = np.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
+
+
 def main(argv=None) -> dict:
     configure()  # float64 positions, the compilation cache
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +57,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--fits-patches", type=int, default=20_000, help="patches read with fitsio (slow path)")
     ap.add_argument("--radius", type=int, default=4)
     ap.add_argument("--tile", type=int, default=32)
+    ap.add_argument("--cluster-px", type=int, default=64, help="side of the box clustered patches fall in")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each method (needs root)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
@@ -91,6 +107,22 @@ def main(argv=None) -> dict:
     results["row_major_mmap_patches_per_s"] = args.patches / (time.perf_counter() - t)
     assert np.array_equal(row_major, got), "tile cache and FITS disagree"
 
+    # Clustered patches: each image's within one box (the dense path: blocks of tiles).
+    corner_x = rng.uniform(r, nx - 1 - r - args.cluster_px, args.images)[ids]
+    corner_y = rng.uniform(r, ny - 1 - r - args.cluster_px, args.images)[ids]
+    cx, cy = corner_x + rng.uniform(0, args.cluster_px, args.patches), corner_y + rng.uniform(0, args.cluster_px, args.patches)
+    cache.patches(ids, cx, cy, r)
+    t = time.perf_counter()
+    clustered = cache.patches(ids, cx, cy, r)
+    results["tile_cache_clustered_patches_per_s"] = args.patches / (time.perf_counter() - t)
+    cxc, cyc = np.floor(cx + 0.5).astype(int), np.floor(cy + 0.5).astype(int)
+    for i, a in enumerate(arrays):
+        sel = ids == i
+        want = a[cyc[sel, None, None] + off[None, :, None], cxc[sel, None, None] + off[None, None, :]]
+        assert np.array_equal(clustered[sel], want), "clustered patches disagree with FITS"
+    results["copy_bandwidth_gb_s"] = copy_bandwidth_gb_s()
+    results["patch_bytes"] = 4 * (2 * r + 1) ** 2
+
     if args.cold:
         drop_page_cache()
     n = min(args.fits_patches, args.patches)
@@ -108,7 +140,9 @@ def main(argv=None) -> dict:
         "speedup_vs_fitsio": results["tile_cache_patches_per_s"] / results["fitsio_patches_per_s"],
         "speedup_vs_row_major_mmap": results["tile_cache_patches_per_s"] / results["row_major_mmap_patches_per_s"],
     })
-    results["summary"] = (f"tile cache {results['tile_cache_patches_per_s']:.3g} patches/s, "
+    results["load_average"] = list(os.getloadavg())
+    results["summary"] = (f"tile cache {results['tile_cache_patches_per_s']:.3g} patches/s "
+                          f"({results['tile_cache_clustered_patches_per_s']:.3g} clustered), "
                           f"{results['speedup_vs_fitsio']:.1f}x fitsio section reads, "
                           f"{results['speedup_vs_row_major_mmap']:.2f}x row-major mmap ({results['device']})")
     print(json.dumps(results, indent=1))

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core.units import counts_per_nmgy
 from .intersect import intersect
-from .matched_filter import _crop_to_own_radius, matched_filter, patch_radius_px
+from .matched_filter import CPU_BATCH_PATCHES, gathered_matched_filter, patch_radii_px, patch_radius_px
 
 PARTIAL_COLUMNS = ["orbit_id", "image_id", "x", "y", "psi", "phi"]
 
@@ -36,7 +36,8 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
     prepared : ImageSet, optional
         ``search.intersect.prepare_images(images)``, made once for many orbit chunks.
     timings : dict, optional
-        Seconds spent per step ("intersect", "gather", "filter") are added to it.
+        Seconds spent per step ("intersect", "gather", "filter") are added to it; gathers
+        overlap the filter's device work, so "filter" is the host's wait beyond them.
 
     Returns
     -------
@@ -51,24 +52,58 @@ def search_partials(orbits: pd.DataFrame, images: pd.DataFrame, cache, *, smooth
     clock.lap("intersect")
     if hits.empty:
         return _empty_partials()
-    meta = images.set_index("image_id").loc[hits["image_id"].to_numpy()]
-    sigma = np.hypot(meta["psf_sigma_px"].to_numpy(), smoothing_sigma_px)
+    image_id = hits["image_id"].to_numpy()
+    meta = _image_columns(images, image_id, ["psf_sigma_px", "is_difference", "sky_level", "noise_sigma", "magzp"])
+    sigma = np.hypot(meta["psf_sigma_px"], smoothing_sigma_px)
     radius = patch_radius_px(float(sigma.max()))
-    patches = cache.patches(hits["image_id"].to_numpy(), hits["x"].to_numpy(), hits["y"].to_numpy(), radius)
-    patches = _crop_to_own_radius(patches, sigma)
     # Difference images have zero background; science images carry their sky level.
-    background = np.where(meta["is_difference"].to_numpy(), 0.0, meta["sky_level"].to_numpy()).astype(np.float32)
-    patches = patches - background[:, None, None]
-    clock.lap("gather")
-    filter_args = (patches, hits["x"].to_numpy(), hits["y"].to_numpy(), sigma,
-                   meta["noise_sigma"].to_numpy(), counts_per_nmgy(meta["magzp"].to_numpy()))
-    patch_bytes = patches[0].nbytes * 4  # the float64 products dominate
-    psi, phi = _split_on_out_of_memory(
-        lambda budget: matched_filter(*filter_args, batch=max(1, budget // patch_bytes)), max_batch_bytes)
+    background = np.where(meta["is_difference"], 0.0, meta["sky_level"]).astype(np.float32)
+    # Intersections image by image: a batch's patches then share a few images' tiles.
+    order = np.argsort(image_id, kind="stable")
+    x, y = hits["x"].to_numpy()[order], hits["y"].to_numpy()[order]
+    ids = image_id[order]
+
+    def gather(rows):
+        t = clock.now()
+        pixels = cache.patches(ids[rows], x[rows], y[rows], radius)
+        clock.add("gather", clock.now() - t)
+        return pixels
+
+    k = 2 * radius + 1
+    patch_bytes = k * k * 16  # the kernel's float64 products dominate
+    per_patch = (sigma[order], meta["noise_sigma"][order], counts_per_nmgy(meta["magzp"][order]))
+    psi_sorted, phi_sorted = _split_on_out_of_memory(lambda budget: gathered_matched_filter(
+        gather, k, x, y, *per_patch, batch=_filter_batch(budget, patch_bytes), background=background[order],
+        radius_px=patch_radii_px(per_patch[0])), max_batch_bytes)
+    psi, phi = np.empty(len(order)), np.empty(len(order))
+    psi[order], phi[order] = psi_sorted, phi_sorted
     out = hits[["orbit_id", "image_id", "x", "y"]].copy()
     out["psi"], out["phi"] = psi, phi
-    clock.lap("filter")
-    return out.sort_values(["orbit_id", "image_id"], kind="stable").reset_index(drop=True)
+    clock.lap("filter", exclude="gather")
+    return _in_orbit_image_order(out)
+
+
+def _image_columns(images: pd.DataFrame, image_id: np.ndarray, columns: list[str]) -> dict:
+    """Per intersection, the named index columns of its image (as numpy arrays)."""
+    pos = pd.Index(images["image_id"].to_numpy()).get_indexer(image_id)
+    if (pos < 0).any():
+        raise KeyError(f"image ids not among the searched images: {np.unique(image_id[pos < 0])[:10].tolist()}")
+    return {c: images[c].to_numpy()[pos] for c in columns}
+
+
+def _filter_batch(max_batch_bytes: int, patch_bytes: int) -> int:
+    """Patches per matched-filter call within the batch budget; on a CPU no more than what
+    stays in its caches (``CPU_BATCH_PATCHES``)."""
+    batch = max(1, int(max_batch_bytes) // patch_bytes)
+    return min(batch, CPU_BATCH_PATCHES) if jax.default_backend() == "cpu" else batch
+
+
+def _in_orbit_image_order(partials: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by (orbit_id, image_id); the intersections already come so ordered."""
+    o, i = partials["orbit_id"].to_numpy(), partials["image_id"].to_numpy()
+    if ((o[1:] > o[:-1]) | ((o[1:] == o[:-1]) & (i[1:] >= i[:-1]))).all():
+        return partials.reset_index(drop=True)
+    return partials.sort_values(["orbit_id", "image_id"], kind="stable").reset_index(drop=True)
 
 
 class _StepClock:
@@ -77,14 +112,23 @@ class _StepClock:
     def __init__(self, timings: dict | None):
         import time
 
-        self._now, self.timings = time.perf_counter, timings
-        self._last = self._now()
+        self.now, self.timings = time.perf_counter, timings
+        self._last = self.now()
+        self._inside = {}  # seconds added by ``add`` since the last lap, per step
 
-    def lap(self, step: str) -> None:
-        now = self._now()
+    def add(self, step: str, seconds: float) -> None:
+        """Seconds spent on ``step`` inside another step's lap."""
+        self._inside[step] = self._inside.get(step, 0.0) + seconds
         if self.timings is not None:
-            self.timings[step] = self.timings.get(step, 0.0) + now - self._last
-        self._last = now
+            self.timings[step] = self.timings.get(step, 0.0) + seconds
+
+    def lap(self, step: str, exclude: str | None = None) -> None:
+        """Seconds since the last lap, less those ``add``-ed to ``exclude`` meanwhile."""
+        now = self.now()
+        if self.timings is not None:
+            spent = now - self._last - (self._inside.get(exclude, 0.0) if exclude else 0.0)
+            self.timings[step] = self.timings.get(step, 0.0) + spent
+        self._last, self._inside = now, {}
 
 
 #: Below this batch budget an out-of-memory error is not retried (something else is wrong).
