@@ -65,7 +65,9 @@ def planned_jobs():
     Snakemake builds any job: the orbit chunk ranges x (partitions + 1) search jobs (one
     search_shard per partition and one combine_chunk), the partitions' tile caches, the
     deconvolution shards and the fixed rules. Simulated truth orbits and catalog regions are
-    known only later (and counted again then)."""
+    known only later (and counted again then). A work-sized plan (search.intersections_per_job)
+    is counted as its least, one chunk range and one partition group: plan_orbits fits its shape
+    within max_jobs less the rest."""
     o, n_part = config["orbits"], config["partitions"]
     listed = 0
     if o["source"] == "grid":
@@ -73,7 +75,9 @@ def planned_jobs():
     elif o["source"] == "file" and o["path"]:
         listed = orbit_file_rows(repo_path(o["path"]))
     n_chunks = max(1, -(-(listed + n_random_orbits()) // o["chunk_size"]))
-    n_ranges = -(-n_chunks // o["chunks_per_job"])
+    # A work-sized plan chooses its chunk ranges and partition groups within max_jobs (after
+    # plan_orbits): counted here as its least, one range of one search and one combine job.
+    n_ranges = 1 if work_sized() else -(-n_chunks // o["chunks_per_job"])
     others = 5 + (config["survey"]["source"] == "simulate")
     if config["catalog"]["enabled"]:
         others += 5  # detect_sources, plan_regions, fit_region (at least one), merge_catalog, star_mask
@@ -83,8 +87,26 @@ def planned_jobs():
             if config["deconvolve"]["mode"] == "lowrank"
             else config["deconvolve"]["shards"]
         )
-    total = n_ranges * (n_part + 1) + n_part + others
+    n_groups = 1 if work_sized() else n_part
+    group_lists = 1 if work_sized() else 0  # cache_group
+    total = n_ranges * (n_groups + 1) + group_lists + n_part + others
     return total, n_ranges, others
+
+
+def work_sized():
+    """Whether the search jobs are sized by their estimated work (search.intersections_per_job)
+    rather than one per orbit chunk range and partition."""
+    return config["search"]["intersections_per_job"] is not None
+
+
+def reduced_partials():
+    """Whether search jobs write per-orbit sums (no sigma-G clipping) instead of per-image rows."""
+    return config["search"]["sigma_g_clip"] is None
+
+
+def other_jobs():
+    """The jobs that are neither search jobs nor tile caches (as counted by planned_jobs)."""
+    return planned_jobs()[2]
 
 
 def too_many_jobs(total, what):
@@ -94,7 +116,8 @@ def too_many_jobs(total, what):
         f"config: this run would make at least {total:,} jobs ({what}), more than "
         f"max_jobs: {config['max_jobs']}. Cut the work into fewer, larger jobs: raise "
         f"orbits.chunk_size (now {o['chunk_size']}) or orbits.chunks_per_job (now "
-        f"{o['chunks_per_job']}), use fewer partitions (now {config['partitions']}), or "
+        f"{o['chunks_per_job']}), use fewer partitions (now {config['partitions']}), size the "
+        f"jobs by their work (search.intersections_per_job, e.g. 1e8), or "
         f"search fewer orbits (orbits.n_random: {n_random_orbits()}); or raise max_jobs "
         f"if the machine or cluster takes that many jobs."
     )
@@ -104,10 +127,21 @@ def check_job_count():
     total, n_ranges, others = planned_jobs()
     if total > config["max_jobs"]:
         n_part = config["partitions"]
+        groups = "1 partition group" if work_sized() else f"{n_part} partitions"
         raise too_many_jobs(
             total,
-            f"{n_ranges:,} orbit chunk ranges x ({n_part} partitions + 1) search jobs, "
+            f"{n_ranges:,} orbit chunk ranges x ({groups} + 1) search jobs, "
             f"{n_part} tile caches, {others} others",
+        )
+
+
+def check_search_settings():
+    """Settings that cannot go together, refused before any job is built."""
+    if reduced_partials() and config["orbits"]["source"] == "region":
+        raise WorkflowError(
+            "config: search.sigma_g_clip: null (no clipping, per-orbit sums) cannot be used with "
+            "orbits.source: region, whose refinement clips each candidate's images; give "
+            "search.sigma_g_clip a number (e.g. 3)"
         )
 
 
@@ -145,6 +179,7 @@ for _key in ("stamps_path", "psfs_path"):
 
 # Refused here, before any job is built: Snakemake needs memory and time per job.
 check_job_count()
+check_search_settings()
 
 # envs/*.yaml install skystack from here (Snakemake hands conda a copy of each env file, so a
 # path relative to the file would point into .snakemake/).
@@ -281,18 +316,28 @@ def orbit_plan_inputs(wildcards):
         if not o["path"]:
             raise ValueError("orbits.path: required when orbits.source is 'file'")
         inputs["orbit_file"] = o["path"]
-    if o["source"] == "region":
+    if o["source"] == "region" or work_sized():
         inputs["images"] = result("images.parquet")
     return inputs
 
 
 def region_search_settings():
-    """The search settings a region's covering depends on (none for the other orbit sources, so
-    that changing them does not re-plan a list of orbits)."""
-    if config["orbits"]["source"] != "region":
-        return {}
-    keys = ("images", "max_snr_loss", "max_trials", "smoothing_sigma_px")
-    return {k: config["search"][k] for k in keys}
+    """The search settings the plan depends on: a region's covering, and the job shape of a
+    work-sized plan (none otherwise, so that changing them does not re-plan a list of orbits).
+    """
+    settings = {}
+    if config["orbits"]["source"] == "region":
+        keys = ("images", "max_snr_loss", "max_trials", "smoothing_sigma_px")
+        settings = {k: config["search"][k] for k in keys}
+    if work_sized():
+        settings["images"] = config["search"]["images"]
+        settings["job_shape"] = {
+            "intersections_per_job": config["search"]["intersections_per_job"],
+            "partitions": config["partitions"],
+            "max_jobs": config["max_jobs"],
+            "other_jobs": other_jobs(),
+        }
+    return settings
 
 
 def star_mask_input():
@@ -302,17 +347,107 @@ def star_mask_input():
     )
 
 
-def combined_chunks(wildcards):
-    """Every chunk range's combined table (the number of ranges is known after plan_orbits)."""
+_SEARCH_SHAPE = {}
+
+
+def search_shape():
+    """(chunk ranges, partitions per search job) of the plan (known after plan_orbits), read
+    once per version of plan.json: every search job's input function asks."""
     import json
 
-    with open(checkpoints.plan_orbits.get().output.plan) as fh:
-        n_jobs = json.load(fh)["n_chunk_ranges"]
-    n_part = config["partitions"]
-    if n_jobs * (n_part + 1) > config["max_jobs"]:  # the simulated truth is counted now
+    path = checkpoints.plan_orbits.get().output.plan
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in _SEARCH_SHAPE:
+        with open(path) as fh:
+            plan = json.load(fh)
+        _SEARCH_SHAPE.clear()
+        _SEARCH_SHAPE[key] = plan["n_chunk_ranges"], int(
+            plan.get("partitions_per_job", 1)
+        )
+    return _SEARCH_SHAPE[key]
+
+
+def partition_groups():
+    """The partitions of each search job of a chunk range (one each unless work-sized)."""
+    per_job = search_shape()[1] if work_sized() else 1
+    return [PARTITIONS[g : g + per_job] for g in range(0, len(PARTITIONS), per_job)]
+
+
+def shard_partitions(wildcards):
+    """The partitions search_shard job {chunk}_{partition} takes ({partition}: its group)."""
+    return partition_groups()[int(wildcards.partition)]
+
+
+def group_caches(wildcards):
+    """The tile caches of partition group {group}."""
+    return [cache_file(p) for p in partition_groups()[int(wildcards.group)]]
+
+
+def group_file(g):
+    return result("search", "cache_groups", f"group{g}.txt")
+
+
+def shard_caches(wildcards):
+    """What search_shard {chunk}_{partition} depends on for its caches: the cache itself, or in
+    a work-sized plan its group's list (one input per job, not one per partition: the chunk
+    ranges x partitions cache inputs would otherwise dominate building the DAG)."""
+    if work_sized():
+        return [group_file(wildcards.partition)]
+    return [cache_file(p) for p in shard_partitions(wildcards)]
+
+
+def shard_cache_paths(wildcards):
+    return [cache_file(p) for p in shard_partitions(wildcards)]
+
+
+def chunk_partials(wildcards):
+    """The partial files combine_chunk {chunk} adds up: one per partition group."""
+    return [
+        result("search", "partials", f"chunk{wildcards.chunk}_p{g}.parquet")
+        for g in range(len(partition_groups()))
+    ]
+
+
+def shard_stars():
+    """The bright-star mask a search job applies itself when it writes per-orbit sums."""
+    return star_mask_input() if reduced_partials() else []
+
+
+def research_inputs(wildcards):
+    """What combine_chunk needs to search the detections' orbits again when the partials are
+    per-orbit sums: every partition's cache, the plan and its listed orbits."""
+    if not reduced_partials():
+        return {}
+    caches = [cache_file(p) for p in PARTITIONS]
+    if work_sized():
+        caches = [group_file(g) for g in range(len(partition_groups()))]
+    return {
+        "caches": caches,
+        "listed": result("search", "orbits_listed.parquet"),
+        "plan": result("search", "plan.json"),
+    }
+
+
+def research_settings():
+    """The search settings combine_chunk searches the detections' orbits again with (none when
+    the partials are per-image rows, so that they do not rerun the combination)."""
+    if not reduced_partials():
+        return None
+    keys = ("images", "smoothing_sigma_px", "max_batch_mb", "without_zero_point")
+    settings = {k: config["search"][k] for k in keys}
+    return settings | {"caches": [cache_file(p) for p in PARTITIONS]}
+
+
+def combined_chunks(wildcards):
+    """Every chunk range's combined table (the number of ranges is known after plan_orbits)."""
+    n_jobs = search_shape()[0]
+    n_groups = len(partition_groups())
+    # The simulated truth is counted now; a work-sized plan's cache lists too.
+    total = n_jobs * (n_groups + 1) + (n_groups if work_sized() else 0)
+    if total > config["max_jobs"]:
         raise too_many_jobs(
-            n_jobs * (n_part + 1),
-            f"{n_jobs:,} orbit chunk ranges of the plan x ({n_part} partitions + 1)",
+            total,
+            f"{n_jobs:,} orbit chunk ranges of the plan x ({n_groups} partition groups + 1)",
         )
     return [result("search", "combined", f"chunk{c}.parquet") for c in range(n_jobs)]
 

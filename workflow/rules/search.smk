@@ -21,12 +21,28 @@ checkpoint plan_orbits:
         "../scripts/plan_orbits.py"
 
 
+# The tile caches of one partition group of a work-sized plan, listed (see shard_caches).
+rule cache_group:
+    input:
+        caches=group_caches,
+    output:
+        listed=result("search", "cache_groups", "group{group}.txt"),
+    log:
+        log_path("cache_group", "_{group}"),
+    localrule: True
+    run:
+        Path(output.listed).write_text("".join(f"{c}\n" for c in input.caches))
+
+
+# {chunk}: an orbit chunk range; {partition}: a group of partitions (one partition unless the
+# plan is work-sized, search.intersections_per_job).
 rule search_shard:
     input:
         images=result("images.parquet"),
-        cache=cache_file("{partition}"),
+        cache=shard_caches,
         listed=result("search", "orbits_listed.parquet"),
         plan=result("search", "plan.json"),
+        stars=shard_stars(),
     output:
         partials=result("search", "partials", "chunk{chunk}_p{partition}.parquet"),
     log:
@@ -43,6 +59,10 @@ rule search_shard:
         max_batch_mb=config["search"]["max_batch_mb"],
         staging_dir=config["search"]["staging_dir"],
         without_zero_point=config["search"]["without_zero_point"],
+        partitions=shard_partitions,
+        caches=shard_cache_paths,
+        reduce=reduced_partials(),
+        star_mask_radius_arcsec=config["search"]["star_mask_radius_arcsec"],
     script:
         "../scripts/search_shard.py"
 
@@ -66,10 +86,8 @@ rule star_mask:
 
 rule combine_chunk:
     input:
-        partials=expand(
-            result("search", "partials", "chunk{{chunk}}_p{partition}.parquet"),
-            partition=PARTITIONS,
-        ),
+        unpack(research_inputs),
+        partials=chunk_partials,
         images=result("images.parquet"),
         stars=star_mask_input(),
     output:
@@ -88,6 +106,7 @@ rule combine_chunk:
         snr_threshold=config["search"]["snr_threshold"],
         min_images=config["search"]["min_images"],
         star_mask_radius_arcsec=config["search"]["star_mask_radius_arcsec"],
+        research=research_settings(),
     script:
         "../scripts/combine_chunk.py"
 
@@ -119,6 +138,7 @@ rule merge_detections:
         sigma_g_clip=config["search"]["sigma_g_clip"],
         star_mask_radius_arcsec=config["search"]["star_mask_radius_arcsec"],
         refined_snr_threshold=config["search"]["refined_snr_threshold"],
+        max_noise_detections=config["search"]["max_noise_detections"],
     script:
         "../scripts/merge_detections.py"
 

@@ -8,4 +8,5 @@ merge_stage(i.combined, i.images, i.listed, i.plan, i.caches, detections_out=o.d
             snr_threshold=snakemake.params.snr_threshold, min_images=snakemake.params.min_images, log=log,
             stars_path=i.stars[0] if i.stars else None, smoothing_sigma_px=snakemake.params.smoothing_sigma_px,
             sigma_g_clip=snakemake.params.sigma_g_clip, star_mask_radius_arcsec=snakemake.params.star_mask_radius_arcsec,
-            refined_snr_threshold=snakemake.params.refined_snr_threshold)
+            refined_snr_threshold=snakemake.params.refined_snr_threshold,
+            max_noise_detections=snakemake.params.max_noise_detections)

@@ -2,7 +2,9 @@
 
 The plan lists its orbits in order: the listed ones (simulated truth, a grid, a user's file)
 at positions 0..L-1, then the random ones at L..L+R-1. Chunk c holds positions [c S, (c+1) S);
-a search job takes a range of ``chunks_per_job`` chunks.
+a search job takes a range of ``chunks_per_job`` chunks and ``partitions_per_job`` image
+partitions: as configured (``orbits.chunks_per_job``, one partition), or chosen from the work when
+``search.intersections_per_job`` is set (``work_sized_shape``).
 
 Orbit ids are the position, except that an orbit file's own ``orbit_id`` column is kept (so
 detections, light curves and figures carry the user's ids), and random orbits then take the ids
@@ -100,8 +102,90 @@ def plan_orbits(orbit_cfg: dict, seed: int, known_path, truth_path=None, file_pa
         "regions": regions,
         "ids_are_positions": bool(first_random == len(listed)
                                   and np.array_equal(listed["orbit_id"].to_numpy(), np.arange(len(listed)))),
+        "partitions_per_job": 1,
     }
+    shape = (search_cfg or {}).get("job_shape")
+    if shape and shape.get("intersections_per_job") is not None:
+        plan.update(_work_sized(plan, listed, shape, images_path, search_cfg, log))
     return listed, plan
+
+
+# ----------------------------------------------------------------------------- job shape
+#: Orbits of the plan whose intersections estimate the work of a work-sized plan.
+SHAPE_SAMPLE_ORBITS = 256
+
+
+def shape_sample_positions(n_total: int, n_sample: int = SHAPE_SAMPLE_ORBITS) -> np.ndarray:
+    """Plan positions spread evenly over the whole plan (listed and random orbits alike)."""
+    if n_total <= 0:
+        return np.zeros(0, np.int64)
+    return np.unique(np.linspace(0, n_total - 1, min(n_total, n_sample)).round().astype(np.int64))
+
+
+def work_sized_shape(n_chunks: int, n_partitions: int, intersections_per_chunk_partition: float,
+                     intersections_per_job: float, max_search_jobs: int) -> tuple[int, int]:
+    """(chunks per job, partitions per job) of a plan cut by work, not one job per chunk.
+
+    A chunk range is combined by one job over every partition, so it gets about
+    ``intersections_per_job`` intersections in all; its search jobs then take as many
+    partitions as keep each near the same work (one partition per job when a range's work on a
+    single partition already reaches it). When that makes more than ``max_search_jobs`` search
+    jobs (ranges x (partition groups + 1), and a list of caches per group), the jobs grow:
+    partitions first, then chunks.
+    """
+    cell = max(float(intersections_per_chunk_partition), 1e-300)
+    per_job = max(float(intersections_per_job), 1.0)
+    chunks = int(min(max(per_job // (cell * n_partitions), 1), n_chunks))
+    parts = int(min(max(per_job // (cell * chunks), 1), n_partitions))
+    if _search_jobs(n_chunks, n_partitions, chunks, parts) > max_search_jobs:
+        parts = n_partitions  # one search job per range before larger ranges
+    if _search_jobs(n_chunks, n_partitions, chunks, parts) > max_search_jobs:
+        most_ranges = max((max_search_jobs - 1) // 2, 1)  # each range: one search and one combine job
+        chunks = -(-n_chunks // most_ranges)
+    return chunks, parts
+
+
+def _search_jobs(n_chunks: int, n_partitions: int, chunks_per_job: int, partitions_per_job: int) -> int:
+    """search_shard, combine_chunk and cache_group jobs of a shape."""
+    n_groups = -(-n_partitions // partitions_per_job)
+    return -(-n_chunks // chunks_per_job) * (n_groups + 1) + n_groups
+
+
+def _work_sized(plan: dict, listed: pd.DataFrame, shape: dict, images_path, search_cfg: dict, log) -> dict:
+    """The plan's job shape from the intersections of a sample of its orbits with the survey's
+    searched images (one more intersection per partition than the sample found, so that a
+    sample that finds none still gives a finite, small estimate)."""
+    from ..search.intersect import intersect
+    from ..search.stage import searched_images
+
+    if images_path is None:
+        raise ValueError("search.intersections_per_job: the plan needs the survey's index (images.parquet)")
+    n_part = int(shape["partitions"])
+    images = searched_images(pd.read_parquet(images_path), search_cfg.get("images", "difference"),
+                             where=str(images_path))
+    positions = shape_sample_positions(plan["n_total"])
+    orbits = orbits_for_ids(plan, listed, orbit_ids_at(plan, listed, positions))
+    hits = intersect(orbits, images) if len(orbits) else pd.DataFrame({"image_id": []})
+    n_hits = len(hits) + n_part
+    per_orbit_partition = n_hits / max(len(positions), 1) / n_part
+    per_cell = per_orbit_partition * plan["chunk_size"]
+    others = int(shape["partitions"]) + int(shape.get("other_jobs", 0))
+    budget = max(int(shape["max_jobs"]) - others, 2)
+    chunks, parts = work_sized_shape(plan["n_chunks"], n_part, per_cell, float(shape["intersections_per_job"]),
+                                     budget)
+    if log is not None:
+        log.info("work-sized plan: %d sample orbits, %d intersections on %d images (%.3g per orbit and "
+                 "partition): %d chunks x %d partitions per search job, estimated %.3g intersections each",
+                 len(positions), len(hits), len(images), per_orbit_partition, chunks, parts,
+                 per_cell * chunks * parts)
+    return {"chunks_per_job": chunks, "n_chunk_ranges": -(-plan["n_chunks"] // chunks), "partitions_per_job": parts,
+            "estimated_intersections_per_orbit": per_orbit_partition * n_part}
+
+
+def partition_groups(plan: dict, n_partitions: int) -> list[list[int]]:
+    """The partitions each search job of a chunk range takes (``partitions_per_job`` of them)."""
+    per_job = int(plan.get("partitions_per_job", 1))
+    return [list(range(g, min(g + per_job, n_partitions))) for g in range(0, n_partitions, per_job)]
 
 
 def _region_trials(orbit_cfg: dict, search_cfg: dict, images_path, known_path, seed: int, start_id: int, log):

@@ -16,7 +16,7 @@ def plan_stage(orbit_cfg: dict, seed: int, known_path, listed_out, plan_out, *, 
     write_parquet(listed, listed_out)
     with atomic_path(plan_out) as tmp:
         tmp.write_text(json.dumps(plan, indent=1))
-    log.info("%d listed + %d random orbits (%s), %d chunks of %d, %d search jobs per partition",
+    log.info("%d listed + %d random orbits (%s), %d chunks of %d in %d chunk ranges, %d partition(s) per search job",
              plan["n_listed"], plan["n_random"], plan["preset"], plan["n_chunks"], plan["chunk_size"],
-             plan["n_chunk_ranges"])
+             plan["n_chunk_ranges"], plan.get("partitions_per_job", 1))
     return plan
