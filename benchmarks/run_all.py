@@ -20,7 +20,10 @@ OUT = Path(__file__).resolve().parent / "results"
 RUNS = {
     "tile_cache": ([], ["--images", "4", "--patches", "50000"]),
     "intersections": ([], ["--exposures", "40", "--orbits", "4000", "--repeat", "1", "--reference-orbits", "4"]),
-    "end_to_end": ([], ["--config", "config/experiments/tiny.yaml", "--workdir", "benchmarks/out/end_to_end_tiny"]),
+    "end_to_end": (["--repeat", "3"], ["--config", "config/experiments/tiny.yaml", "--workdir",
+                                       "benchmarks/out/end_to_end_tiny"]),
+    "end_to_end_diffuse": (["--exposures", "128", "--orbits", "100000"], ["--exposures", "16", "--orbits", "10000"]),
+    "workflow_scale": ([], ["--images", "1e4", "--fixed-orbits", "1e4"]),
     "deconvolve": ([], ["--quick"]),
     "catalog_speed": ([], ["--n-sources", "64"]),
     "catalog_accuracy": ([], ["--n-sources", "120"]),
