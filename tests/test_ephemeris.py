@@ -102,3 +102,34 @@ def test_utc_to_tdb(sky):
 def test_out_of_range_times_are_refused():
     with pytest.raises(ValueError, match=r"de421.bsp: JD 2480000.0 TDB \(1 time\(s\)\) is outside the DE421 range"):
         ephemeris.earth_barycentric_au([2451545.0, 2480000.0])
+
+
+_OBSERVATORY_SCRIPT = """
+import sys
+import numpy as np
+from skystack.astrometry.ephemeris import observatory_gcrs_posvel_au, utc_mjd_to_tdb_jd
+jd = np.linspace(2455000.5, 2460500.5, 7)
+pos, vel = observatory_gcrs_posvel_au(jd, 33.3563, -116.865, 1712.0)
+tdb = utc_mjd_to_tdb_jd(np.linspace(55000.0, 60500.0, 5), 33.3563, -116.865, 1712.0)
+np.save(sys.argv[1], np.concatenate([pos.ravel(), vel.ravel(), tdb]))
+"""
+
+
+def test_cached_iers_table_gives_the_same_positions(tmp_path):
+    """The pickled IERS table (written by one process, read by the next) places the observatory
+    and converts times exactly as astropy's own parse of the bundled table does."""
+    import subprocess
+    import sys
+
+    def run(name, cache):
+        out = tmp_path / f"{name}.npy"
+        subprocess.run([sys.executable, "-c", _OBSERVATORY_SCRIPT, str(out)], check=True,
+                       env={**os.environ, "SKYSTACK_IERS_CACHE": cache})
+        return np.load(out)
+
+    parsed = run("parsed", "off")
+    writes = run("writes", str(tmp_path / "iers"))
+    assert len(list((tmp_path / "iers").glob("earth_orientation-*.pickle"))) == 1
+    reads = run("reads", str(tmp_path / "iers"))
+    np.testing.assert_array_equal(writes, parsed)
+    np.testing.assert_array_equal(reads, parsed)

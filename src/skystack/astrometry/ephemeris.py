@@ -129,7 +129,51 @@ def iers_offline():
     with contextlib.ExitStack() as stack:
         for name, value in (("auto_download", False), ("auto_max_age", None), ("iers_degraded_accuracy", "warn")):
             stack.enter_context(iers.conf.set_temp(name, value))
+        _use_cached_earth_orientation()
         yield
+
+
+def _iers_cache_dir() -> Path | None:
+    """$SKYSTACK_IERS_CACHE, else ~/.cache/skystack/iers; "off": parse the table every time."""
+    import os
+
+    value = os.environ.get("SKYSTACK_IERS_CACHE", str(Path.home() / ".cache" / "skystack" / "iers"))
+    return None if value.lower() == "off" else Path(value)
+
+
+@functools.lru_cache(maxsize=1)
+def _use_cached_earth_orientation() -> None:
+    """Give astropy its IERS table from a pickled copy: parsing ``finals2000A.all`` takes about
+    a second in every process that places an observatory (each search job, the plan, the
+    refinement); unpickling takes 10 ms. The copy is keyed by the file's path, size and time and
+    by astropy's version, so a new table or astropy parses anew; any failure parses as before."""
+    import hashlib
+    import os
+    import pickle
+
+    import astropy
+    from astropy.utils import iers
+
+    cache_dir = _iers_cache_dir()
+    source = Path(iers.IERS_A_FILE)
+    if cache_dir is None or not source.exists():
+        return
+    st = source.stat()
+    key = hashlib.sha1(f"{source}|{st.st_size}|{st.st_mtime_ns}|{astropy.__version__}".encode()).hexdigest()[:16]
+    path = cache_dir / f"earth_orientation-{key}.pickle"
+    try:
+        with open(path, "rb") as fh:
+            table = pickle.load(fh)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+        table = iers.earth_orientation_table.get()  # parsed by astropy, under the offline settings
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(pickle.dumps(table, protocol=pickle.HIGHEST_PROTOCOL))
+            os.replace(tmp, path)
+        except OSError:
+            return
+    iers.earth_orientation_table.set(table)
 
 
 def observatory_gcrs_posvel_au(jd_tdb, lat_deg, lon_deg, height_m):
