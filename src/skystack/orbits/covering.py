@@ -122,7 +122,7 @@ DEFAULT_SAFETY_FACTOR = 1.1
 EXCESS_MARGIN = 1.25
 #: Search throughput for the refusal's time estimate: README's B2 (end to end on the demo
 #: survey, 2 CPU cores).
-DEFAULT_THROUGHPUT_ORBITS_PER_S = 2350.0
+DEFAULT_THROUGHPUT_ORBITS_PER_S = 12600.0
 LATTICES = ("An*", "cubic")
 REPO = Path(__file__).resolve().parents[3]
 
