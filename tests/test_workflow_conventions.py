@@ -215,7 +215,9 @@ def test_workflow_runs_as_a_module(tiny_run, tmp_path):
     snakefile.write_text(OUTER_SNAKEFILE.format(snakefile=REPO / "workflow" / "Snakefile"))
     base = [SNAKEMAKE, "-s", snakefile, "--directory", outer, "--cores", "2",
             "--profile", REPO / "profiles" / "default"]
-    proc, out = _run([*base, "--configfile", TINY])
+    no_deconvolution = tmp_path / "no_deconvolution.yaml"  # its rules are checked by the dry run below
+    no_deconvolution.write_text("deconvolve:\n  enabled: false\n")
+    proc, out = _run([*base, "--configfile", TINY, no_deconvolution])
     assert proc.returncode == 0, f"the outer workflow failed:\n{out[-8000:]}"
     assert "skystack_search_shard" in out and "skystack_fit_region" in out
     res = outer / "results" / "tiny"
@@ -224,7 +226,7 @@ def test_workflow_runs_as_a_module(tiny_run, tmp_path):
         assert_same_table(tiny_run / "results" / "tiny" / table, res / table, rtol=1e-9)
     assert (outer / "logs" / "tiny" / "search_shard_0_0.log").exists()  # under the outer working directory
 
-    proc, out = _run([*base, "--dry-run", "--configfile", TINY])
+    proc, out = _run([*base, "--dry-run", "--configfile", TINY, no_deconvolution])
     assert proc.returncode == 0 and "Nothing to be done" in out, out[-4000:]
 
     envs, _ = job_conda_envs(tmp_path, snakefile, outer, "--profile", REPO / "profiles" / "default",
