@@ -25,6 +25,7 @@ from unittest import mock
 import numpy as np
 import pandas as pd
 
+from benchmarks.end_to_end import best_of_passes
 from skystack.core.runtime import configure, device_summary
 from skystack.orbits.population import population
 from skystack.search.combine import combine_partials
@@ -97,16 +98,8 @@ def main(argv=None) -> dict:
             n_hits += len(partials)
         return n_hits
 
-    t = time.perf_counter()
-    search_all({})  # warm-up: compiles every shape
-    first = time.perf_counter() - t
-    passes = []
-    for _ in range(max(1, args.repeat)):
-        timings = {}
-        t = time.perf_counter()
-        n_hits = search_all(timings)
-        passes.append((time.perf_counter() - t, timings))
-    seconds, timings = min(passes, key=lambda p: p[0])
+    first, pass_seconds, timings, n_hits = best_of_passes(search_all, args.repeat)
+    seconds = min(pass_seconds)
     cores = len(os.sched_getaffinity(0))
     ny, nx = images[["naxis2", "naxis1"]].iloc[0]
     result = {
@@ -124,7 +117,7 @@ def main(argv=None) -> dict:
         "intersections": n_hits,
         "intersections_per_orbit": n_hits / args.orbits,
         "seconds": seconds,
-        "pass_seconds": [round(p[0], 4) for p in passes],
+        "pass_seconds": pass_seconds,
         "orbits_per_s": args.orbits / seconds,
         "orbits_per_s_per_core": args.orbits / seconds / cores,
         "intersections_per_s": n_hits / seconds,
