@@ -250,7 +250,11 @@ class TileCache:
         sparse = np.ones(len(idx), bool)
         for i, (ty, tx), rows in _dense_groups(idx, xc, yc, self.shapes, self.tile, radius):
             block = self._padded_block(i, ty, tx, radius)
-            out[rows] = _window_patches(block, xc[rows] - tx.start * self.tile, yc[rows] - ty.start * self.tile, k)
+            patches = _window_patches(block, xc[rows] - tx.start * self.tile, yc[rows] - ty.start * self.tile, k)
+            if rows[-1] - rows[0] + 1 == len(rows):  # sorted by image (the search's order): a plain copy
+                out[rows[0]:rows[-1] + 1] = patches
+            else:
+                out[rows] = patches
             sparse[rows] = False
         rest = np.flatnonzero(sparse)
         for start in range(0, len(rest), max(1, int(batch))):
