@@ -28,6 +28,7 @@ RUNS = {
     "catalog_speed": ([], ["--n-sources", "64"]),
     "catalog_accuracy": ([], ["--n-sources", "120"]),
     "catalog_calibration": ([], ["--n-sources", "64"]),
+    "catalog_pairs": ([], ["--pairs", "12"]),
     "covering": ([], ["--losses", "0.2", "--widths", "1", "--check", "200"]),
     "region_search": ([], ["--objects", "40", "--losses", "0.5", "0.7", "--refine-losses", "0.9"]),
 }

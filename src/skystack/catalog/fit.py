@@ -7,7 +7,11 @@ source's size (``patch_sizes_px``; one batch of compiled calls per size).
 Neighbours within a region are handled by block-coordinate passes, as in Celeste: in each
 pass every source is fitted with all other sources (region members and the halo at their
 current estimates, the ring beyond at its given values, held fixed) rendered into its
-patches as part of the background. Isolated sources need one pass. The halo, sources of
+patches as part of the background. Sources that share light get different colours of the
+blend graph, and each colour is fitted with the colours before it already updated
+(Gauss-Seidel); passes go on, for the sources that still move or whose neighbours do, until
+no estimate moves by more than ``pass_tol_sd`` standard deviations. Isolated sources need
+one pass. The halo, sources of
 other regions near the region's edge, is fitted with the region but reported by its own
 region, so that a source's neighbours are never frozen at their detection values.
 
@@ -22,7 +26,10 @@ volume a galaxy, having four more free parameters, would always fit a little bet
 Uncertainties: mean-field VI underestimates variances, so the reported standard
 deviations come from the inverse of the negative ELBO's Hessian over all mean parameters of
 the source (position, reference flux, colours and, for galaxies, shape): the Laplace /
-linear-response covariance. Per-type results are combined as a two-component mixture.
+linear-response covariance. That covariance is conditional on the neighbours' current
+estimates; in a blend the flux, east and north variances are then scaled by the ratio of
+marginal to conditional variance from the Gauss-Newton information of the whole blend group
+(``blend_inflation``). Per-type results are combined as a two-component mixture.
 """
 from __future__ import annotations
 
@@ -241,23 +248,14 @@ class _Scene:
         bg = self.sky.copy()
         if not self.n_pairs:
             return bg
-        m = self.n_pairs
-        m_pad = int(2 ** np.ceil(np.log2(max(m, 16))))
-        idx = np.r_[np.arange(m), np.zeros(m_pad - m, int)]
-        geom = {k: jnp.asarray(v[idx]) for k, v in self.pair_geom.items()}
-        t = self.pair_t[idx]
-        out = np.asarray(renderer(jnp.asarray(xs[t]), jnp.asarray(xg[t]), jnp.asarray(p_star[t]), geom,
-                                  jnp.asarray(self.pair_band[idx])))[:m]
+        out = self._pair_counts(xs, xg, p_star, renderer)
         add = np.zeros_like(bg)
         np.add.at(add, (self.pair_i, self.pair_j), out)
         w = self.arrays["weight"] > 0
         return np.where(w, bg + add, bg)
 
-    def mismatch_chi2(self, xs, xg, p_star, renderer) -> np.ndarray:
-        """Per fitted source, the mean of (residual / noise)^2 over its patches weighted by its
-        own expected counts over the noise variance: about 1 where the model describes the sky,
-        above where the PSF, the profile or a neighbour does not (the residual is then
-        systematic where the source's light is)."""
+    def _own_counts(self, xs, xg, p_star, renderer) -> np.ndarray:
+        """Each fitted source's own expected counts on its patches (S, n_slot, P, P), ADU."""
         g = self.arrays
         S, n_slot, P = len(self.fit_rows), self.n_slot, self.size
         m = S * n_slot
@@ -266,26 +264,94 @@ class _Scene:
         keys = ("origin", "jac", "psf_amp", "psf_mean", "psf_cov", "counts_per_nmgy")
         geom = {k: jnp.asarray(g[k].reshape((m,) + g[k].shape[2:])[idx]) for k in keys}
         src = np.repeat(self.fit_rows, n_slot)[idx]
-        own = np.asarray(renderer(jnp.asarray(xs[src]), jnp.asarray(xg[src]), jnp.asarray(p_star[src]), geom,
-                                  jnp.asarray(g["band"].reshape(m)[idx])))[:m].reshape(S, n_slot, P, P)
-        bg = self.background(xs, xg, p_star, renderer)
+        return np.asarray(renderer(jnp.asarray(xs[src]), jnp.asarray(xg[src]), jnp.asarray(p_star[src]), geom,
+                                   jnp.asarray(g["band"].reshape(m)[idx])))[:m].reshape(S, n_slot, P, P)
+
+    def _pair_counts(self, xs, xg, p_star, renderer) -> np.ndarray:
+        """Per (slot, other source) pair, the other source's expected counts on the patch."""
+        m = self.n_pairs
+        m_pad = int(2 ** np.ceil(np.log2(max(m, 16))))
+        idx = np.r_[np.arange(m), np.zeros(m_pad - m, int)]
+        geom = {k: jnp.asarray(v[idx]) for k, v in self.pair_geom.items()}
+        t = self.pair_t[idx]
+        return np.asarray(renderer(jnp.asarray(xs[t]), jnp.asarray(xg[t]), jnp.asarray(p_star[t]), geom,
+                                   jnp.asarray(self.pair_band[idx])))[:m]
+
+    def _noise_variance(self, expected) -> np.ndarray:
+        """Pixel noise variance (ADU^2) for the expected counts of every patch."""
+        g = self.arrays
         gain = g["gain"][..., None, None]
-        poisson = g["poisson"][..., None, None]
-        var_p = np.maximum(bg + own, 0.0) / gain + g["read_e2"][..., None, None] / gain**2
-        var_g = g["var"] + g["source_var_per_adu"][..., None, None] * np.maximum(bg + own, 0.0)
-        var = np.maximum(np.where(poisson, var_p, var_g), 1e-12)
+        var_p = np.maximum(expected, 0.0) / gain + g["read_e2"][..., None, None] / gain**2
+        var_g = g["var"] + g["source_var_per_adu"][..., None, None] * np.maximum(expected, 0.0)
+        return np.maximum(np.where(g["poisson"][..., None, None], var_p, var_g), 1e-12)
+
+    def mismatch_chi2(self, xs, xg, p_star, renderer) -> np.ndarray:
+        """Per fitted source, the mean of (residual / noise)^2 over its patches weighted by its
+        own expected counts over the noise variance: about 1 where the model describes the sky,
+        above where the PSF, the profile or a neighbour does not (the residual is then
+        systematic where the source's light is)."""
+        g = self.arrays
+        own = self._own_counts(xs, xg, p_star, renderer)
+        bg = self.background(xs, xg, p_star, renderer)
+        var = self._noise_variance(bg + own)
         resid = g["data"] - bg - own
         w = g["weight"] * np.maximum(own, 0.0) / var
         num = (w * resid**2 / var).sum(axis=(1, 2, 3))
         den = w.sum(axis=(1, 2, 3))
         return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
 
+    def blend_information(self, xs, xg, p_star, renderer):
+        """Gauss-Newton Fisher blocks of each fitted source's (ln flux, east, north) from this
+        scene's patches: per fitted source its own 3x3 block and, per pair with another
+        source, the 3x3 cross block (rows: the fitted source's parameters), as table rows.
+
+        Derivatives of the expected counts: ln flux by the counts themselves, east and north
+        by central differences of the renderer (both types' positions moved together)."""
+        w = self.arrays["weight"]
+        own = [self._own_counts(a, b, p_star, renderer) for a, b in _position_steps(xs, xg)]
+        var = self._noise_variance(self.background(xs, xg, p_star, renderer) + own[0])
+        t_own = np.stack([own[0], *_central_differences(own)], axis=-1)  # (S, slot, P, P, 3)
+        info = np.einsum("sjyxp,sjyxq->spq", t_own * (w / var)[..., None], t_own)
+        if not self.n_pairs:
+            return self.fit_rows, info, np.zeros(0, int), np.zeros(0, int), np.zeros((0, 3, 3))
+        other = [self._pair_counts(a, b, p_star, renderer) for a, b in _position_steps(xs, xg)]
+        t_other = np.stack([other[0], *_central_differences(other)], axis=-1)  # (pairs, P, P, 3)
+        i, j = self.pair_i, self.pair_j
+        cross = np.einsum("myxp,myxq->mpq", t_own[i, j] * (w[i, j] / var[i, j])[..., None], t_other)
+        return self.fit_rows, info, self.fit_rows[i], self.pair_t, cross
+
+
+#: Step (arcsec) of the central differences of the expected counts in position.
+POSITION_STEP_ARCSEC = 0.01
+
+
+def _position_steps(xs, xg):
+    """The parameter vectors as fitted, then moved by +-POSITION_STEP_ARCSEC east, then north
+    (east and north lead both types' vectors)."""
+    out = [(xs, xg)]
+    for axis in (0, 1):
+        for sign in (1.0, -1.0):
+            a, b = xs.copy(), xg.copy()
+            a[:, axis] += sign * POSITION_STEP_ARCSEC
+            b[:, axis] += sign * POSITION_STEP_ARCSEC
+            out.append((a, b))
+    return out
+
+
+def _central_differences(counts):
+    """d counts / d east, d north (per arcsec) from ``_position_steps``' renders."""
+    h = 2 * POSITION_STEP_ARCSEC
+    return (counts[1] - counts[2]) / h, (counts[3] - counts[4]) / h
+
 
 # ----------------------------------------------------------------------------- fitting
-def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size, vector_width, progress=None):
-    """Batched TR-Newton fits of all fitted sources as one type; fixed chunk shapes."""
+def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size, vector_width, progress=None,
+              subset=None):
+    """Batched TR-Newton fits of the scene's fitted sources (those at positions ``subset``, by
+    default all) as one type; fixed chunk shapes."""
     fun = _negative_elbo(layout, scene.size)
-    S = len(scene.fit_rows)
+    subset = np.arange(len(scene.fit_rows)) if subset is None else np.asarray(subset, int)
+    S = len(subset)
     # A scene smaller than a batch gets the smallest power of two that holds it: padding costs
     # as much as a source, and powers of two keep the number of compilations small.
     batch_size = min(batch_size, max(8, 1 << max(S - 1, 0).bit_length()))
@@ -293,7 +359,7 @@ def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size
     prior_j = {k: jnp.asarray(v) for k, v in prior.items()}
     arrays = dict(scene.arrays, bg=bg)
     for start in range(0, S, batch_size):
-        idx = np.arange(start, min(start + batch_size, S))
+        idx = subset[start:start + batch_size]
         n_real = idx.size
         idx = np.r_[idx, np.full(batch_size - n_real, idx[0])]
         patches = {k: jnp.asarray(v[idx]) for k, v in arrays.items()}
@@ -302,7 +368,8 @@ def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size
             w[n_real:] = 0.0
             patches["weight"] = jnp.asarray(w)
         prior_b = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch_size,) + a.shape), prior_j)
-        res = minimize_batch(fun, jnp.asarray(x0[idx]), (patches, prior_b), tol=tol, max_iter=max_iter,
+        x_start = x0[np.r_[np.arange(start, start + n_real), np.full(batch_size - n_real, start)]]
+        res = minimize_batch(fun, jnp.asarray(x_start), (patches, prior_b), tol=tol, max_iter=max_iter,
                              radius0=0.5, max_radius=5.0, vector_width=vector_width)
         out_x.append(np.asarray(res.x)[:n_real])
         out_f.append(-np.asarray(res.value)[:n_real])
@@ -333,6 +400,75 @@ def _laplace(layout: E.Layout, x, elbo_value, hess):
     mi = layout.mean_index
     cov = _safe_inverse(hess[np.ix_(mi, mi)])
     return log_z, cov
+
+
+#: Floor of the eigenvalues of a blend's normalised information matrix (it is assembled from
+#: each source's own patches, so it can miss positive definiteness by a little): bounds how
+#: much a blend can inflate a variance.
+MIN_BLEND_EIGENVALUE = 0.05
+
+
+def blend_inflation(n_rows: int, blocks: list) -> np.ndarray:
+    """Per table row, how much its flux, east and north variances grow when its blend's other
+    sources are free: (n_rows, 3) factors, 1 for sources without fitted neighbours.
+
+    Each source's Laplace covariance is conditional on its neighbours' current estimates; where
+    their light overlaps, their fluxes and positions trade against each other and the marginal
+    variances are larger. With the Gauss-Newton information ``F`` of every blend group's
+    (ln flux, east, north) (``_Scene.blend_information``), a source's factors are its marginal
+    variances, the diagonal of ``(F^-1)_aa``, over its conditional ones, that of ``(F_aa)^-1``.
+    """
+    own = np.zeros((n_rows, 3, 3))
+    fitted = np.zeros(n_rows, bool)
+    cross = {}
+    for rows, info, a_rows, b_rows, blocks_ab in blocks:
+        own[rows] = info
+        fitted[rows] = True
+        for a, b, c in zip(a_rows, b_rows, blocks_ab):
+            cross.setdefault((int(a), int(b)), []).append(c)
+    factor = np.ones((n_rows, 3))
+    usable = fitted & (np.einsum("nii->n", own) > 0) & np.all(np.diagonal(own, axis1=1, axis2=2) > 0, axis=1)
+    edges = {}
+    for (a, b), cs in cross.items():
+        if a != b and usable[a] and usable[b]:
+            edges.setdefault((min(a, b), max(a, b)), {})[(a, b)] = np.sum(cs, axis=0)
+    if not edges:
+        return factor
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    keys = np.array(list(edges), int)
+    graph = coo_matrix((np.ones(len(keys)), (keys[:, 0], keys[:, 1])), shape=(n_rows, n_rows))
+    _, label = connected_components(graph, directed=False)
+    edge_group = label[keys[:, 0]]
+    for group in np.unique(edge_group):
+        members = np.flatnonzero(label == group)
+        pos = {r: k for k, r in enumerate(members)}
+        big = np.zeros((3 * len(members),) * 2)
+        for k, r in enumerate(members):
+            big[3 * k:3 * k + 3, 3 * k:3 * k + 3] = own[r]
+        for key in map(tuple, keys[edge_group == group]):
+            a, b = key
+            sides = edges[key]
+            # Each side sees the overlap on its own patches: their mean (rows: a's parameters).
+            sides = [m for m in (sides.get((a, b)), None if (b, a) not in sides else sides[(b, a)].T)
+                     if m is not None]
+            ab = np.mean(sides, axis=0)
+            ia, ib = 3 * pos[a], 3 * pos[b]
+            big[ia:ia + 3, ib:ib + 3] = ab
+            big[ib:ib + 3, ia:ia + 3] = ab.T
+        scale = 1.0 / np.sqrt(np.diagonal(big))
+        corr = big * scale[:, None] * scale[None, :]
+        w, vec = np.linalg.eigh(0.5 * (corr + corr.T))
+        marginal = (vec / np.maximum(w, MIN_BLEND_EIGENVALUE)) @ vec.T * scale[:, None] * scale[None, :]
+        for k, r in enumerate(members):
+            block = corr[3 * k:3 * k + 3, 3 * k:3 * k + 3]
+            wb, vb = np.linalg.eigh(block)
+            s = scale[3 * k:3 * k + 3]
+            conditional = (vb / np.maximum(wb, MIN_BLEND_EIGENVALUE)) @ vb.T * s[:, None] * s[None, :]
+            m = marginal[3 * k:3 * k + 3, 3 * k:3 * k + 3]
+            factor[r] = np.maximum(np.diagonal(m) / np.diagonal(conditional), 1.0)
+    return factor
 
 
 def _type_summary(layout: E.Layout, x, cov):
@@ -390,7 +526,8 @@ def patch_sizes_px(images: list[ImageData], table: pd.DataFrame, min_px: int = 1
 
 
 def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: list[ImageData],
-               priors: dict | None = None, *, tol: float = 1e-5, max_iter: int = 50, n_passes: int = 3,
+               priors: dict | None = None, *, tol: float = 1e-5, max_iter: int = 50, n_passes: int = 12,
+               pass_tol_sd: float = 0.05,
                patch_px: int | None = 15, batch_size: int = 64, vector_width: int | None = None,
                max_images: int | None = None, region: int = -1, progress=None,
                halo: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -407,7 +544,11 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
     priors : overrides of ``priors.DEFAULT_PRIORS``
     tol : Newton-decrement tolerance (nats) of the trust-region Newton iterations
     max_iter : iteration limit per fit; sources not converged by then are flagged
-    n_passes : block-coordinate passes over the region (1 when no source overlaps another)
+    n_passes : most block-coordinate passes over the region (1 when no source overlaps another);
+        after the first, only sources that moved, or whose neighbours moved, by more than
+        ``pass_tol_sd`` are refitted, and the passes end when none did
+    pass_tol_sd : a change of ln flux, east or north below this many standard deviations
+        (the type mixture's weighted change) counts as converged
     patch_px : smallest side (odd, px) of the square patch fitted around a source in each
         image; the side used per source is :func:`patch_sizes_px` (from the PSF and its size)
     batch_size : sources per compiled call (fixed, so one compilation serves all)
@@ -456,41 +597,97 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
     res_s = _Results(n_rows, lay_s.size)
     res_g = _Results(n_rows, lay_g.size)
     log_odds = np.zeros(n_rows)
+    partners = _partners(n_rows, scenes)
+    # Gauss-Seidel over colours of the blend graph: sources of one colour never share light, so
+    # they are fitted together, and each colour sees the ones fitted before it in the pass
+    # (twice Jacobi's convergence rate on a pair).
+    colour = _colours(partners, table["dec"].to_numpy(float), table["ra"].to_numpy(float), fitted)
+    active = fitted.copy()  # rows refitted in this pass
     for n_pass in range(1, passes + 1):
-        for sc in scenes:
-            def report(kind, size=sc.size, n_pass=n_pass):
-                if progress is None:
-                    return None
-                return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model ({size} px patches): "
-                                                    f"{done}/{total} sources")
+        moved = np.zeros(n_rows)
+        for c in range(int(colour.max()) + 1 if fitted.any() else 0):
+            for sc in scenes:
+                def report(kind, size=sc.size, n_pass=n_pass):
+                    if progress is None:
+                        return None
+                    return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model ({size} px patches): "
+                                                        f"{done}/{total} sources")
 
-            renderer = _renderer(lay_s, lay_g, sc.size)
-            rows = sc.fit_rows
-            bg = sc.background(xs, xg, p_star, renderer)
-            rs = _fit_type(lay_s, sc, xs[rows], bg, prior_s, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                           vector_width=vector_width, progress=report("star"))
-            rg = _fit_type(lay_g, sc, xg[rows], bg, prior_g, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                           vector_width=vector_width, progress=report("galaxy"))
-            res_s.store(rows, rs)
-            res_g.store(rows, rg)
-            for k, row in enumerate(rows):
-                lz_s, _ = _laplace(lay_s, rs[0][k], rs[1][k], rs[2][k])
-                lz_g, _ = _laplace(lay_g, rg[0][k], rg[1][k], rg[2][k])
-                log_odds[row] = lz_s - lz_g + np.log(p_prior / (1 - p_prior))
-        # Jacobi-style: every scene of this pass saw the previous pass's estimates.
-        for res, x in ((res_s, xs), (res_g, xg)):
-            x[fitted] = res.x[fitted]
-        p_star[fitted] = _sigmoid(log_odds[fitted])
+                local = np.flatnonzero(active[sc.fit_rows] & (colour[sc.fit_rows] == c))
+                if local.size == 0:
+                    continue
+                renderer = _renderer(lay_s, lay_g, sc.size)
+                rows = sc.fit_rows[local]
+                bg = sc.background(xs, xg, p_star, renderer)
+                rs = _fit_type(lay_s, sc, xs[rows], bg, prior_s, tol=tol, max_iter=max_iter, batch_size=batch_size,
+                               vector_width=vector_width, progress=report("star"), subset=local)
+                rg = _fit_type(lay_g, sc, xg[rows], bg, prior_g, tol=tol, max_iter=max_iter, batch_size=batch_size,
+                               vector_width=vector_width, progress=report("galaxy"), subset=local)
+                res_s.store(rows, rs)
+                res_g.store(rows, rg)
+                for k, row in enumerate(rows):
+                    lz_s, _ = _laplace(lay_s, rs[0][k], rs[1][k], rs[2][k])
+                    lz_g, _ = _laplace(lay_g, rg[0][k], rg[1][k], rg[2][k])
+                    log_odds[row] = lz_s - lz_g + np.log(p_prior / (1 - p_prior))
+                p_new = _sigmoid(log_odds[rows])
+                for res, x, lay, weight in ((res_s, xs, lay_s, p_new), (res_g, xg, lay_g, 1.0 - p_new)):
+                    moved[rows] += weight * _change_in_sd(lay, x[rows], res.x[rows], res.hess[rows])
+                    x[rows] = res.x[rows]
+                p_star[rows] = p_new
+        # A source is refitted while it or a source whose light reaches its patches still moves.
+        still = moved > pass_tol_sd
+        active = fitted & (still | (partners @ still.astype(float) > 0))
+        if not active.any():
+            break
     chi2 = np.ones(n_rows)
     n_images = np.zeros(n_rows, int)
+    overlaps = []
     for sc in scenes:
-        chi2[sc.fit_rows] = sc.mismatch_chi2(xs, xg, p_star, _renderer(lay_s, lay_g, sc.size))
+        renderer = _renderer(lay_s, lay_g, sc.size)
+        chi2[sc.fit_rows] = sc.mismatch_chi2(xs, xg, p_star, renderer)
         n_images[sc.fit_rows] = sc.n_images
+        if passes > 1:
+            overlaps.append(sc.blend_information(xs, xg, p_star, renderer))
+    blend = blend_inflation(n_rows, overlaps)  # (rows, [flux, east, north])
     temper = np.maximum(chi2, 1.0)
     p_final = P_STAR_FLOOR + (1 - 2 * P_STAR_FLOOR) * _sigmoid(log_odds / temper)
     n = n_fit
     return _assemble(sources, bands, lay_s, lay_g, res_s.head(n), res_g.head(n), p_final[:n], p_prior,
-                     n_images[:n], region, chi2[:n], np.maximum(res_s.iterations, res_g.iterations)[:n])
+                     n_images[:n], region, chi2[:n], np.maximum(res_s.iterations, res_g.iterations)[:n], blend[:n])
+
+
+def _partners(n_rows: int, scenes: list):
+    """Sparse (rows x rows) matrix: entry (a, t) where source t's light reaches a's patches."""
+    from scipy.sparse import csr_matrix
+
+    a = np.concatenate([sc.fit_rows[sc.pair_i] for sc in scenes if sc.n_pairs] or [np.zeros(0, int)])
+    t = np.concatenate([sc.pair_t for sc in scenes if sc.n_pairs] or [np.zeros(0, int)])
+    return csr_matrix((np.ones(len(a)), (a, t)), shape=(n_rows, n_rows))
+
+
+def _colours(partners, dec_deg, ra_deg, fitted) -> np.ndarray:
+    """Greedy colouring of the fitted sources' blend graph (sources sharing light get different
+    colours), in (dec, ra) order so that it does not depend on the table's order."""
+    graph = (partners + partners.T).tocsr()
+    colour = np.full(len(dec_deg), -1)
+    for row in np.lexsort((ra_deg, dec_deg)):
+        if not fitted[row]:
+            continue
+        near = graph.indices[graph.indptr[row]:graph.indptr[row + 1]]
+        taken = set(colour[near][colour[near] >= 0].tolist())
+        colour[row] = next(c for c in range(len(taken) + 1) if c not in taken)
+    return colour
+
+
+def _change_in_sd(layout: E.Layout, before, after, hess) -> np.ndarray:
+    """Per source, the largest change of east, north and reference ln flux between two passes,
+    in units of the Laplace standard deviation (diagonal of the inverse Hessian)."""
+    which = np.array([0, 1, layout.mu_ref])
+    out = np.zeros(len(before))
+    for k in range(len(before)):
+        sd = np.sqrt(np.maximum(np.diagonal(_safe_inverse(hess[k]))[which], 1e-300))
+        out[k] = np.max(np.abs(after[k][which] - before[k][which]) / sd)
+    return out
 
 
 class _Results:
@@ -545,7 +742,7 @@ def _warn_masked_patches(sources: pd.DataFrame, scenes: list) -> None:
 
 
 def _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star, p_prior, n_images, region, chi2,
-              iterations) -> pd.DataFrame:
+              iterations, blend) -> pd.DataFrame:
     n = len(sources)
     colors = color_names(bands)
     rows = []
@@ -557,6 +754,10 @@ def _assemble(sources, bands, lay_s, lay_g, rs, rg, p_star, p_prior, n_images, r
         inflate = max(float(chi2[i]), 1.0)  # residuals above the noise: the model is off by that much
         cov_s, cov_g = cov_s * inflate, cov_g * inflate
         ss, sg = _type_summary(lay_s, rs[0][i], cov_s), _type_summary(lay_g, rg[0][i], cov_g)
+        for summary in (ss, sg):  # the blend's other sources free (``blend_inflation``)
+            for key in [f"flux{b}" for b in range(len(bands))] + ["east", "north"]:
+                mean, var = summary[key]
+                summary[key] = (mean, var * blend[i, {"east": 1, "north": 2}.get(key, 0)])
         mixed = {k: _mix(p, ss[k], sg[k]) for k in ss}
         east, north = mixed["east"][0], mixed["north"][0]
         dec = dec0[i] + north / 3600.0

@@ -42,6 +42,7 @@ class SimConfig:
     radius_arcsec: tuple = (1.0, 0.3)         # lognormal median, ln sd
     isolated: bool = True
     spacing_px: float = 24.0                  # grid spacing of isolated sources
+    pair_separation_px: float | None = None   # isolated grid of blended pairs: the pair's separation
     density_per_arcmin2: float = 4.0          # for crowded fields
     dither_px: float = 4.0
     rotation_deg: float = 0.5
@@ -67,6 +68,12 @@ def make_truth(cfg: SimConfig) -> tuple[pd.DataFrame, float]:
         east = (gx - (side - 1) / 2) * step + rng.uniform(-0.15, 0.15, n) * step
         north = (gy - (side - 1) / 2) * step + rng.uniform(-0.15, 0.15, n) * step
         half = 0.5 * side * step
+        if cfg.pair_separation_px is not None:  # each grid point holds a pair, at a random angle
+            angle = rng.uniform(0, np.pi, n)
+            offset = 0.5 * cfg.pair_separation_px * cfg.pixel_scale_arcsec
+            east = np.concatenate([east + offset * np.cos(angle), east - offset * np.cos(angle)])
+            north = np.concatenate([north + offset * np.sin(angle), north - offset * np.sin(angle)])
+            n = 2 * n
     else:
         half = 0.5 * np.sqrt(n / cfg.density_per_arcmin2) * 60.0
         east, north = rng.uniform(-half, half, (2, n))
@@ -195,3 +202,16 @@ def simulate_field(cfg: SimConfig | None = None, **overrides) -> tuple[list[Imag
                                     noise_var=noise_var, sky_subtracted=cfg.sky_subtracted,
                                     image_id=len(images), mjd=59000.0 + e + 0.01 * bi))
     return images, truth
+
+
+def perturbed_start(truth: pd.DataFrame, seed: int = 3) -> pd.DataFrame:
+    """Starting values as a detection gives them: the truth's rows shuffled, fluxes off by 30%
+    (lognormal), positions by 0.3 arcsec per axis."""
+    rng = np.random.default_rng(seed)
+    n = len(truth)
+    out = truth.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    for b in [c[5:-5] for c in out.columns if c.startswith("flux_") and c.endswith("_nmgy")]:
+        out[f"flux_{b}_nmgy"] *= np.exp(rng.normal(0, 0.3, n))
+    out["ra"] += rng.normal(0, 0.3, n) / 3600 / np.cos(np.radians(out["dec"]))
+    out["dec"] += rng.normal(0, 0.3, n) / 3600
+    return out
