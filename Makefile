@@ -23,7 +23,8 @@ run: $(STAMP)
 	@$(VENV)/bin/python -m skystack.report.summary --configfile $(CONFIG)
 
 # Two workers: the machine's second core is otherwise idle in single-threaded tests and while
-# Slurm jobs wait; the tests that share the session's tiny run stay on one worker (conftest.py).
+# Slurm jobs wait; the tests that share the session's tiny run, Slurm's among them, stay on one
+# worker (conftest.py).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup tests

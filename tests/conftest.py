@@ -49,15 +49,13 @@ def run_snakemake(workdir, *args, configfile=None, cores=2, check=True, env=None
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) the tests that
-    bring up the local Slurm cluster go to one worker (one cluster on the machine), and those
-    that share the session's tiny run to one worker (the run is made once there; the Slurm
-    worker makes its own for the Slurm run to be compared with, which balances the two)."""
+    bring up the local Slurm cluster (one cluster on the machine) and those that share the
+    session's tiny run go to one worker, so that the tiny run is made once, and the Slurm run
+    is compared with that one; the other worker takes the rest as it frees up."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if "slurm_cluster" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif "tiny_run" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("tiny_run"))
+        if fixtures & {"slurm_cluster", "tiny_run"}:
+            item.add_marker(pytest.mark.xdist_group("workflow_runs"))
 
 
 @pytest.fixture(scope="session")
