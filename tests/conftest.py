@@ -47,6 +47,7 @@ def run_snakemake(workdir, *args, configfile=None, cores=2, check=True, env=None
     return proc
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) the tests that
     bring up the local Slurm cluster (one cluster on the machine) and those that share the
