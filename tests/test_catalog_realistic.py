@@ -141,7 +141,7 @@ def test_model_mismatch_inflates_errors_and_tempers_types():
 def test_results_do_not_depend_on_how_the_field_is_cut():
     """A blended field fitted as one region and as regions of 12 sources (each with its halo):
     sources away from the field edge agree within 0.1 sd."""
-    images, truth = simulate_field(n_sources=60, n_epochs=1, seed=8, isolated=False, density_per_arcmin2=8.0,
+    images, truth = simulate_field(n_sources=45, n_epochs=1, seed=8, isolated=False, density_per_arcmin2=8.0,
                                    r_mag_range=(18.0, 21.0))
     cands = perturbed_start(truth)
     one = fit_all_regions(cands, images, max_sources_per_region=256)
