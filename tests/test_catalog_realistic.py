@@ -209,8 +209,9 @@ def test_blended_pair_sds_are_the_marginal_cramer_rao_bounds():
 
 def test_blend_passes_run_until_the_estimates_stop_moving():
     """The block-coordinate passes go on while a source or its neighbour moves: the default fit
-    agrees with one run to a tolerance 50x tighter within 0.05 sd, where three fixed passes
-    (the old default) leave the pair's fluxes several sd from where the passes converge."""
+    agrees with one run to a tolerance 50x tighter within 0.05 sd, where three passes (the old
+    fixed count, here even in Gauss-Seidel order) leave the pair's fluxes several sd from where
+    the passes converge."""
     im, start, _ = _blended_pair()
     default = fit_region(start, None, [im])
     tight = fit_region(start, None, [im], n_passes=100, pass_tol_sd=1e-3)
