@@ -70,6 +70,27 @@ def test_survey_exposures_and_metric(survey):
     assert q < 0.01 and abs(cv.linear_loss(met, delta) / q - 1) < 0.02
 
 
+@pytest.mark.parametrize("psf_sigma, smoothing", [(1.5, 0.0), (1.5, 1.0), (1.0, 2.0)])
+def test_smoothed_filter_matches_a_pixel_sum(psf_sigma, smoothing):
+    """The SNR a filter widened by smoothing collects from a Gaussian star, at offsets, against
+    a direct sum over a fine pixel grid of the star times the filter (no Gaussian identities)."""
+    loss_sigma, peak = cv.smoothed_filter(psf_sigma, smoothing)
+    step = 0.05
+    x = np.arange(-30.0, 30.0 + step / 2, step)
+    xx, yy = np.meshgrid(x, x)
+    star = np.exp(-(xx**2 + yy**2) / (2 * psf_sigma**2))
+    sigma_f2 = psf_sigma**2 + smoothing**2
+    matched_snr = np.sum(star * star) / np.sqrt(np.sum(star * star))
+    for d in (0.0, 0.7, 1.9, 3.5):
+        filt = np.exp(-((xx - d) ** 2 + yy**2) / (2 * sigma_f2))
+        snr = np.sum(star * filt) / np.sqrt(np.sum(filt * filt))
+        expect = peak * np.exp(-d * d / (4 * loss_sigma**2))
+        assert snr / matched_snr == pytest.approx(expect, rel=1e-9), d
+    # The filter's own width would promise too little loss whenever it is smoothed.
+    if smoothing > 0:
+        assert loss_sigma < math.hypot(psf_sigma, smoothing)
+
+
 def test_an_star_covering_radius():
     rng = np.random.default_rng(1)
     for k in (2, 3, 5):

@@ -39,11 +39,11 @@ def test_the_workflows_covering_keeps_its_promise(tiny_search):
     site = {"lat_deg": exposures["site_lat_deg"].to_numpy(), "lon_deg": exposures["site_lon_deg"].to_numpy(),
             "height_m": exposures["site_height_m"].to_numpy()}
     loss = covering_loss(listed, samples, exposures["jd_tdb"].to_numpy(), site,
-                         exposures["psf_sigma_arcsec"].to_numpy())
+                         exposures["loss_sigma_arcsec"].to_numpy())
     assert loss.max() <= 0.2, np.sort(loss)[-5:]
     # Not vacuous: a tenth of the trials leaves part of the box uncovered.
     sparse = covering_loss(listed.iloc[::10], samples, exposures["jd_tdb"].to_numpy(), site,
-                           exposures["psf_sigma_arcsec"].to_numpy())
+                           exposures["loss_sigma_arcsec"].to_numpy())
     assert sparse.max() > 0.2
 
 
@@ -64,7 +64,7 @@ def test_a_covariance_region_is_covered_with_fewer_trials(tiny_search):
     site = {"lat_deg": exposures["site_lat_deg"].to_numpy(), "lon_deg": exposures["site_lon_deg"].to_numpy(),
             "height_m": exposures["site_height_m"].to_numpy()}
     samples = sample_ellipsoid(summary["reference"], cov, 3.0, 300, seed=5)
-    args = (exposures["jd_tdb"].to_numpy(), site, exposures["psf_sigma_arcsec"].to_numpy())
+    args = (exposures["jd_tdb"].to_numpy(), site, exposures["loss_sigma_arcsec"].to_numpy())
     assert covering_loss(trials, samples, *args).max() <= 0.2
     assert covering_loss(trials.iloc[::10], samples, *args).max() > 0.2
 

@@ -20,6 +20,12 @@ right place (two Gaussians' overlap; pixel sampling neglected). With equal weigh
 combined SNR relative to a perfect trial is ``mean_i exp(-d_i^2 / (4 sigma_i^2))``; the **loss**
 is one minus that.
 
+A coarse pass on smoothed images uses a filter wider than the PSF, ``sigma_f = hypot(sigma, s)``
+for smoothing s. It collects ``rho = 2 sigma sigma_f / (sigma^2 + sigma_f^2)`` of the matched
+SNR at the right place and ``exp(-d^2 / (2 (sigma^2 + sigma_f^2)))`` of that at offset d: the
+same formula with the loss width ``sqrt((sigma^2 + sigma_f^2) / 2) = sqrt(sigma^2 + s^2 / 2)``
+(``smoothed_filter``), not sigma_f, which would promise too little loss.
+
 For an orbit offset by ``delta`` (6 elements) from a trial, ``d_i ~ J_i delta`` with ``J_i``
 (2 x 6) the Jacobian of exposure i's tangent-plane position (east, north arcsec) with respect to
 the elements (``track_metric``: ``jax.jacfwd`` through the search's own direction model). So::
@@ -125,6 +131,18 @@ EXCESS_MARGIN = 1.25
 DEFAULT_THROUGHPUT_ORBITS_PER_S = 12600.0
 LATTICES = ("An*", "cubic")
 REPO = Path(__file__).resolve().parents[3]
+
+
+def smoothed_filter(psf_sigma, smoothing_sigma):
+    """A Gaussian PSF of width ``psf_sigma`` seen by the matched filter widened in quadrature by
+    ``smoothing_sigma`` (same units): ``(loss_sigma, peak_fraction)``.
+
+    The filter ``sigma_f = hypot(sigma, s)`` keeps ``2 sigma sigma_f / (sigma^2 + sigma_f^2)`` of
+    the matched filter's SNR at the right place, and at offset d the fraction
+    ``exp(-d^2 / (4 loss_sigma^2))`` of that, ``loss_sigma = sqrt(sigma^2 + s^2 / 2)``."""
+    sigma = np.asarray(psf_sigma, np.float64)
+    sigma_f2 = sigma**2 + np.asarray(smoothing_sigma, np.float64) ** 2
+    return np.sqrt(0.5 * (sigma**2 + sigma_f2)), 2.0 * sigma * np.sqrt(sigma_f2) / (sigma**2 + sigma_f2)
 
 
 # ----------------------------------------------------------------------------- survey exposures

@@ -8,7 +8,7 @@ the trials no orbit of the ellipsoid needs are dropped). The covering
 region reach (found with the search's own intersection code on orbits sampled from the box),
 their times and sites, and the width of the matched filter on them (the indexed PSF, widened
 in quadrature by ``search.smoothing_sigma_px``: a coarse pass on smoothed images needs a
-correspondingly sparser lattice). Every orbit of the box then has a trial orbit whose track
+correspondingly sparser lattice, at the width ``covering.smoothed_filter`` gives the loss). Every orbit of the box then has a trial orbit whose track
 costs at most ``search.max_snr_loss`` of the matched filter's SNR; a region needing more than
 ``search.max_trials`` is refused with the number and the search time.
 """
@@ -25,6 +25,7 @@ from .covering import (
     REGION_ELEMENTS,
     covering_lattice,
     sample_region,
+    smoothed_filter,
     track_metric,
 )
 from .ellipsoid import ellipsoid_half_width, prune_to_ellipsoid, region_ellipsoid
@@ -85,9 +86,11 @@ def _box_probe(reference: dict, hw: dict, seed: int) -> pd.DataFrame:
 
 def region_exposures(images: pd.DataFrame, reference: dict, hw: dict, *, smoothing_sigma_px: float = 0.0,
                      seed: int = 0) -> pd.DataFrame:
-    """The exposures orbits of the box reach, one row each: jd_tdb, site, and the matched
-    filter's Gaussian width (mean over the exposure's reached images of the indexed PSF widened
-    by the smoothing, in arcsec)."""
+    """The exposures orbits of the box reach, one row each: jd_tdb, site, the matched
+    filter's Gaussian width ``psf_sigma_arcsec`` (mean over the exposure's reached images of the
+    indexed PSF widened by the smoothing, in arcsec), the unsmoothed width, and the width of the
+    SNR loss an offset costs the object under that filter, ``loss_sigma_arcsec``
+    (``covering.smoothed_filter``; equal to the filter's when unsmoothed)."""
     from astropy.io import fits
     from astropy.wcs import WCS
 
@@ -98,14 +101,17 @@ def region_exposures(images: pd.DataFrame, reference: dict, hw: dict, *, smoothi
     reached = images[images["image_id"].isin(hits["image_id"].unique())].copy()
     if reached.empty:
         return pd.DataFrame(columns=["exposure_id", "jd_tdb", "site_lat_deg", "site_lon_deg", "site_height_m",
-                                     "psf_sigma_arcsec", "unsmoothed_sigma_arcsec", "n_images"])
+                                     "psf_sigma_arcsec", "unsmoothed_sigma_arcsec", "loss_sigma_arcsec",
+                                     "n_images"])
     scale = np.array([pixel_scale_arcsec(WCS(fits.Header.fromstring(h))) for h in reached["wcs_header"]])
     reached["filter_sigma_arcsec"] = np.hypot(reached["psf_sigma_px"].to_numpy(float), smoothing_sigma_px) * scale
     reached["unsmoothed_sigma_arcsec"] = reached["psf_sigma_px"].to_numpy(float) * scale
+    reached["loss_sigma_arcsec"] = smoothed_filter(reached["psf_sigma_px"].to_numpy(float), smoothing_sigma_px)[0] * scale
     per = reached.groupby("exposure_id", sort=True).agg(
         jd_tdb=("jd_tdb_mid", "first"), site_lat_deg=("site_lat_deg", "first"), site_lon_deg=("site_lon_deg", "first"),
         site_height_m=("site_height_m", "first"), psf_sigma_arcsec=("filter_sigma_arcsec", "mean"),
-        unsmoothed_sigma_arcsec=("unsmoothed_sigma_arcsec", "mean"), n_images=("image_id", "size"))
+        unsmoothed_sigma_arcsec=("unsmoothed_sigma_arcsec", "mean"), loss_sigma_arcsec=("loss_sigma_arcsec", "mean"),
+        n_images=("image_id", "size"))
     return per.reset_index()
 
 
@@ -121,8 +127,9 @@ def _ellipsoid_of(spec: dict, where: str):
 
 
 def _width_ratio(exp: pd.DataFrame) -> float:
-    """How much narrower the unsmoothed filter is than the covering's (rms over exposures, as M)."""
-    return float(np.sqrt(np.mean(exp["unsmoothed_sigma_arcsec"] ** -2) / np.mean(exp["psf_sigma_arcsec"] ** -2)))
+    """How much narrower the unsmoothed filter is than the covering's loss width (rms over
+    exposures, as M)."""
+    return float(np.sqrt(np.mean(exp["unsmoothed_sigma_arcsec"] ** -2) / np.mean(exp["loss_sigma_arcsec"] ** -2)))
 
 
 def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_loss: float, max_trials: int,
@@ -154,7 +161,7 @@ def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_lo
                              f"needs at least 3 (check the reference and the survey's pointings)")
         site = {"lat_deg": exp["site_lat_deg"].to_numpy(float), "lon_deg": exp["site_lon_deg"].to_numpy(float),
                 "height_m": exp["site_height_m"].to_numpy(float)}
-        metric = track_metric(ref, exp["jd_tdb"].to_numpy(float), site, exp["psf_sigma_arcsec"].to_numpy(float))
+        metric = track_metric(ref, exp["jd_tdb"].to_numpy(float), site, exp["loss_sigma_arcsec"].to_numpy(float))
         try:
             trials, summary = covering_lattice(ref, hw, metric, max_snr_loss, max_trials=max(budget_left, 1),
                                                start_id=start_id, seed=seed + i,
