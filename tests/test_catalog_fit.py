@@ -124,3 +124,14 @@ def test_neighbours_fixed_and_block_passes():
     de, dn = _errors(cat.reset_index(drop=True), truth.iloc[[3, 4, 5]].reset_index(drop=True))
     assert np.all(np.hypot(de, dn) < 0.3)
     assert cat["converged"].all()
+
+
+@pytest.mark.parametrize("sd_east, sd_north", [(0.4, 0.4), (0.3, 1.7), (0.05, 2.0)])
+def test_expected_offset_is_the_mean_distance_of_gaussian_errors(sd_east, sd_north):
+    """The position floor's mean distance against draws of the two Gaussian errors."""
+    from skystack.catalog.score import expected_offset
+
+    rng = np.random.default_rng(4)
+    d = np.hypot(rng.normal(0.0, sd_east, 2_000_000), rng.normal(0.0, sd_north, 2_000_000))
+    sem = d.std() / math.sqrt(d.size)
+    assert abs(float(expected_offset(sd_east, sd_north)) - d.mean()) < 4 * sem
