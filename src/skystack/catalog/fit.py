@@ -69,6 +69,11 @@ def _negative_elbo(layout: E.Layout, size_px: int):
     def neg_elbo(x, patches, prior):
         return -E.elbo(x, patches, prior, layout, size_px)
 
+    def value_grad_hess(x, patches, prior):
+        f, g, h = E.elbo_value_grad_hess(x, patches, prior, layout, size_px)
+        return -f, -g, -h
+
+    neg_elbo.value_grad_hess = value_grad_hess
     return neg_elbo
 
 

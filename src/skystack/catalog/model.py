@@ -106,6 +106,31 @@ def gaussian_mixture_on_grid(amp, mean_px, cov_px2, dx_px, dy_px):
     return jnp.sum(jnp.exp(expo), axis=0)
 
 
+def log_density_coefficients(amp, mean_px, cov_px2):
+    """Each component's log density as a quadratic in pixel coordinates: (K, 6) coefficients.
+
+    ``ln(amp N(x, y; mean, cov)) = c . (1, x, y, x^2, x y, y^2)``. Written this way the
+    derivatives of a component's pixel values with respect to anything its parameters depend
+    on are those of its six coefficients times the monomials (``pixel_monomials``).
+    """
+    a, b, c = cov_px2[:, 0, 0], cov_px2[:, 0, 1], cov_px2[:, 1, 1]
+    det = a * c - b * b
+    pxx, pxy, pyy = c / det, -b / det, a / det          # precision matrix
+    mx, my = mean_px[:, 0], mean_px[:, 1]
+    positive = amp > 0
+    log_amp = jnp.where(positive, jnp.log(jnp.where(positive, amp, 1.0)), -700.0)
+    const = (log_amp - jnp.log(2.0 * jnp.pi * jnp.sqrt(det))
+             - 0.5 * (pxx * mx * mx + 2.0 * pxy * mx * my + pyy * my * my))
+    return jnp.stack([const, pxx * mx + pxy * my, pxy * mx + pyy * my, -0.5 * pxx, -pxy, -0.5 * pyy], axis=-1)
+
+
+def pixel_monomials(dx_px, dy_px):
+    """(6, P, P) monomials (1, x, y, x^2, x y, y^2) at the pixel centres of a patch, indexed [y, x]."""
+    x = jnp.broadcast_to(dx_px[None, :], (dy_px.size, dx_px.size))
+    y = jnp.broadcast_to(dy_px[:, None], (dy_px.size, dx_px.size))
+    return jnp.stack([jnp.ones_like(x), x, y, x * x, x * y, y * y])
+
+
 def star_components(geom, offset_arcsec):
     """Unit-flux components of a point source: the PSF mixture moved to the source.
 

@@ -44,7 +44,14 @@ class _State(NamedTuple):
 
 
 def value_grad_hess(fun: Callable, x, *args):
-    """Value, gradient and exact Hessian of scalar ``fun(x, *args)`` (forward over reverse)."""
+    """Value, gradient and exact Hessian of scalar ``fun(x, *args)`` (forward over reverse).
+
+    A ``fun`` that knows a cheaper route to its exact derivatives carries it as the attribute
+    ``value_grad_hess(x, *args)``, which is then used instead.
+    """
+    own = getattr(fun, "value_grad_hess", None)
+    if own is not None:
+        return own(x, *args)
 
     def grad_with_aux(z):
         f, g = jax.value_and_grad(fun)(z, *args)
