@@ -34,6 +34,8 @@ marginal to conditional variance from the Gauss-Newton information of the whole 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import jax
@@ -360,10 +362,11 @@ def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size
     # A scene smaller than a batch gets the smallest power of two that holds it: padding costs
     # as much as a source, and powers of two keep the number of compilations small.
     batch_size = min(batch_size, max(8, 1 << max(S - 1, 0).bit_length()))
-    out_x, out_f, out_h, out_it, out_conv = [], [], [], [], []
     prior_j = {k: jnp.asarray(v) for k, v in prior.items()}
+    prior_b = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch_size,) + a.shape), prior_j)
     arrays = dict(scene.arrays, bg=bg)
-    for start in range(0, S, batch_size):
+
+    def fit_batch(start):
         idx = subset[start:start + batch_size]
         n_real = idx.size
         idx = np.r_[idx, np.full(batch_size - n_real, idx[0])]
@@ -372,19 +375,33 @@ def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size
             w = np.array(arrays["weight"][idx])
             w[n_real:] = 0.0
             patches["weight"] = jnp.asarray(w)
-        prior_b = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch_size,) + a.shape), prior_j)
         x_start = x0[np.r_[np.arange(start, start + n_real), np.full(batch_size - n_real, start)]]
         res = minimize_batch(fun, jnp.asarray(x_start), (patches, prior_b), tol=tol, max_iter=max_iter,
                              radius0=0.5, max_radius=5.0, vector_width=vector_width)
-        out_x.append(np.asarray(res.x)[:n_real])
-        out_f.append(-np.asarray(res.value)[:n_real])
-        out_h.append(np.asarray(res.hess)[:n_real])
-        out_it.append(np.asarray(res.iterations)[:n_real])
-        out_conv.append(np.asarray(res.converged)[:n_real])
-        if progress is not None:
-            progress(start + n_real, S)
+        return (np.asarray(res.x)[:n_real], -np.asarray(res.value)[:n_real], np.asarray(res.hess)[:n_real],
+                np.asarray(res.iterations)[:n_real], np.asarray(res.converged)[:n_real])
+
+    # Batches are independent and each keeps about one core busy on a CPU (its operations are
+    # small), so they run side by side, one per core; results do not depend on it.
+    starts = list(range(0, S, batch_size))
+    workers = min(len(starts), _cpu_workers()) if jax.default_backend() == "cpu" else 1
+    results = []
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        for start, res in zip(starts, pool.map(fit_batch, starts)):
+            results.append(res)
+            if progress is not None:
+                progress(min(start + batch_size, S), S)
+    out_x, out_f, out_h, out_it, out_conv = (list(r) for r in zip(*results)) if results else ([],) * 5
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,))  # noqa: E731
     return cat(out_x), cat(out_f), cat(out_h), cat(out_it), cat(out_conv)
+
+
+def _cpu_workers() -> int:
+    """Cores this process may use (the affinity mask, as Slurm sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _safe_inverse(h: np.ndarray) -> np.ndarray:
