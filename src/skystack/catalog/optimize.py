@@ -41,6 +41,7 @@ class _State(NamedTuple):
     it: jax.Array
     converged: jax.Array
     stalled: jax.Array
+    fresh: jax.Array
 
 
 def value_grad_hess(fun: Callable, x, *args):
@@ -115,20 +116,23 @@ def trust_region_newton(fun: Callable, x0, args=(), *, tol=1e-6, max_iter: int =
     TrustRegionResult with the last iterate, its value, gradient, Hessian, the number of
     iterations taken and whether the tolerance was met.
     """
-    f0, g0, h0 = value_grad_hess(fun, x0, *args)
-
     def is_converged(g, h):
         w, v = jnp.linalg.eigh(h)
         return (w[0] > 0) & (_newton_decrement(g, w, v) <= tol)
 
-    state = _State(x0, f0, g0, h0, jnp.asarray(radius0, x0.dtype), jnp.asarray(0),
-                   is_converged(g0, h0) & jnp.isfinite(f0), jnp.asarray(False))
+    # The starting point is evaluated by the loop's first pass (``fresh``), so that the
+    # objective's derivatives are compiled once, not twice.
+    d = x0.shape[0]
+    state = _State(x0, jnp.asarray(jnp.inf, x0.dtype), jnp.zeros_like(x0), jnp.eye(d, dtype=x0.dtype),
+                   jnp.asarray(radius0, x0.dtype), jnp.asarray(0), jnp.asarray(False), jnp.asarray(False),
+                   jnp.asarray(True))
 
     def cond(s):
-        return (~s.converged) & (~s.stalled) & (s.it < max_iter)
+        return s.fresh | ((~s.converged) & (~s.stalled) & (s.it < max_iter))
 
     def body(s):
         p, pred = solve_subproblem(s.g, s.h, s.radius)
+        p = jnp.where(s.fresh, jnp.zeros_like(p), p)
         f1, g1, h1 = value_grad_hess(fun, s.x + p, *args)
         ok = jnp.isfinite(f1) & jnp.all(jnp.isfinite(g1)) & jnp.all(jnp.isfinite(h1))
         rho = jnp.where(ok & (pred > 0), (s.f - f1) / jnp.where(pred > 0, pred, 1.0), -1.0)
@@ -136,16 +140,17 @@ def trust_region_newton(fun: Callable, x0, args=(), *, tol=1e-6, max_iter: int =
         radius = jnp.where(rho < 0.25, 0.25 * pnorm,
                            jnp.where((rho > 0.75) & (pnorm > 0.99 * s.radius),
                                      jnp.minimum(2.0 * s.radius, max_radius), s.radius))
-        accept = rho > 1e-4
+        radius = jnp.where(s.fresh, s.radius, radius)
+        accept = (rho > 1e-4) | s.fresh
         x = jnp.where(accept, s.x + p, s.x)
         f = jnp.where(accept, f1, s.f)
         g = jnp.where(accept, g1, s.g)
         h = jnp.where(accept, h1, s.h)
         # A step too small to change the value in floating point means we are at the
         # numerical optimum: accept it as converged if the Hessian agrees, else stall.
-        tiny = radius < 1e-12 * (1.0 + jnp.linalg.norm(x))
-        conv = is_converged(g, h)
-        return _State(x, f, g, h, radius, s.it + 1, conv, tiny & ~conv)
+        tiny = (radius < 1e-12 * (1.0 + jnp.linalg.norm(x))) & ~s.fresh
+        conv = is_converged(g, h) & jnp.isfinite(f)
+        return _State(x, f, g, h, radius, s.it + jnp.where(s.fresh, 0, 1), conv, tiny & ~conv, jnp.asarray(False))
 
     s = jax.lax.while_loop(cond, body, state)
     return TrustRegionResult(s.x, s.f, s.g, s.h, s.it, s.converged)
