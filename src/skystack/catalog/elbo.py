@@ -142,17 +142,8 @@ def profile_components(x, geom, layout: Layout):
     if not layout.galaxy:
         return model.star_components(geom, offset)
     lf, u1, u2, ln_r = x[layout.shape]
-    jac = geom["jac"]
-    shape_px = jac @ shape_cov_from_u(u1, u2, jnp.exp(ln_r)) @ jac.T
     frac_dev = 1.0 / (1.0 + jnp.exp(-lf))
-    prof_amp = jnp.concatenate([(1.0 - frac_dev) * model.EXP_AMP, frac_dev * model.DEV_AMP])
-    prof_var = jnp.asarray(np.concatenate([model.EXP_VAR, model.DEV_VAR]))
-    shift = jac @ offset
-    k = geom["psf_amp"].shape[0]
-    amp = (prof_amp[:, None] * geom["psf_amp"][None, :]).reshape(-1)
-    mean = jnp.broadcast_to(geom["psf_mean"][None] + shift, (prof_var.size, k, 2)).reshape(-1, 2)
-    cov = (prof_var[:, None, None, None] * shape_px[None, None] + geom["psf_cov"][None]).reshape(-1, 2, 2)
-    return amp, mean, cov
+    return model.galaxy_components(geom, offset, frac_dev, shape_cov_from_u(u1, u2, jnp.exp(ln_r)))
 
 
 def unit_profile(x, geom, layout: Layout, size_px: int):

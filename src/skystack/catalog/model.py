@@ -141,10 +141,14 @@ def star_components(geom, offset_arcsec):
     return geom["psf_amp"], geom["psf_mean"] + shift, geom["psf_cov"]
 
 
-def galaxy_components(geom, offset_arcsec, frac_dev, axis_ratio, angle_rad, radius_arcsec):
-    """Unit-flux components of a galaxy (exp + dev mixture) convolved with the PSF mixture."""
+def galaxy_components(geom, offset_arcsec, frac_dev, shape_cov):
+    """Unit-flux components of a galaxy (exp + dev mixture) convolved with the PSF mixture.
+
+    ``shape_cov`` is the covariance of a unit-variance profile component (arcsec^2,
+    east/north), e.g. :func:`shape_cov_arcsec2` or ``elbo.shape_cov_from_u``.
+    """
     jac = geom["jac"]
-    shape_px = jac @ shape_cov_arcsec2(radius_arcsec, axis_ratio, angle_rad) @ jac.T
+    shape_px = jac @ shape_cov @ jac.T
     prof_amp = jnp.concatenate([(1.0 - frac_dev) * EXP_AMP, frac_dev * DEV_AMP])
     prof_var = jnp.concatenate([jnp.asarray(EXP_VAR), jnp.asarray(DEV_VAR)])
     shift = jac @ offset_arcsec
