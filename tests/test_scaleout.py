@@ -66,11 +66,11 @@ def test_forcerun_combine_chunk_reruns_only_downstream(tiny_run):
 
 
 def test_killed_run_resumes_and_recomputes_only_unfinished_work(tiny_run, tmp_path):
-    """Cut differently from the reference (4 partitions, chunks of 9000, one per job, with the
+    """Cut differently from the reference (4 partitions, chunks of 12000, one per job, with the
     catalog), killed at its first partial sums, resumed on one core (the search's and the
     catalog's jobs then run single-threaded): nothing finished is redone, and the results are
     the reference's (2 partitions, chunks of 6000 in jobs of 2, 2 cores)."""
-    config = _cut_config(tmp_path, 4, 9000, 1, with_catalog=True)
+    config = _cut_config(tmp_path, 4, 12000, 1, with_catalog=True)
     cmd = [SNAKEMAKE, "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(tmp_path), "--cores", "2",
            "--profile", str(REPO / "profiles" / "default"), "--configfile", *map(str, config)]
     partials = tmp_path / "results" / "tiny" / "search" / "partials"

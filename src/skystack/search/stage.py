@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from ..core.io import write_ecsv, write_parquet
-from ..orbits.noise_peaks import expected_noise_peaks, threshold_for_noise_peaks
+from ..orbits.noise_peaks import expected_noise_peaks, gaussian_tail, threshold_for_noise_peaks
 from ..orbits.plan import chunk_range_ids, orbits_for_ids
 from ..report.figures import (
     completeness,
@@ -313,7 +312,7 @@ def refined_threshold(plan: dict, refined_snr_threshold: float, snr_sd: float, m
                      "detections (search.max_noise_detections)", threshold, needed, max_noise_detections)
             threshold = needed
     expected = expected_noise_peaks(lk, threshold, snr_sd)
-    tail = float(norm.sf(threshold / snr_sd))
+    tail = gaussian_tail(threshold / snr_sd)
     log.info("region search: %d trial orbits; expected noise detections above refined SNR %.2f: %.3g (the Euler "
              "characteristic of the SNR field's excursion set over the regions, noise sd %.3f), as many as %.3g "
              "independent trials would give; counting each trial as independent would expect %.3g", n_trials,
