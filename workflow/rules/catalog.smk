@@ -50,6 +50,8 @@ rule fit_region:
         bench_path("fit_region", "_{region}")
     conda:
         gpu_env("fit_region")
+    # Batches of sources are fitted side by side, one per thread; more with set-threads.
+    threads: 1
     params:
         margin_arcsec=config["catalog"]["margin_arcsec"],
         patch_px=config["catalog"]["patch_px"],

@@ -353,7 +353,7 @@ def _central_differences(counts):
 
 # ----------------------------------------------------------------------------- fitting
 def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size, vector_width, progress=None,
-              subset=None):
+              subset=None, threads=None):
     """Batched TR-Newton fits of the scene's fitted sources (those at positions ``subset``, by
     default all) as one type; fixed chunk shapes."""
     fun = _negative_elbo(layout, scene.size)
@@ -384,7 +384,7 @@ def _fit_type(layout, scene: _Scene, x0, bg, prior, *, tol, max_iter, batch_size
     # Batches are independent and each keeps about one core busy on a CPU (its operations are
     # small), so they run side by side, one per core; results do not depend on it.
     starts = list(range(0, S, batch_size))
-    workers = min(len(starts), _cpu_workers()) if jax.default_backend() == "cpu" else 1
+    workers = min(len(starts), threads or _cpu_workers()) if jax.default_backend() == "cpu" else 1
     results = []
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         for start, res in zip(starts, pool.map(fit_batch, starts)):
@@ -552,7 +552,7 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
                pass_tol_sd: float = 0.05,
                patch_px: int | None = 15, batch_size: int = 64, vector_width: int | None = None,
                max_images: int | None = None, region: int = -1, progress=None,
-               halo: pd.DataFrame | None = None) -> pd.DataFrame:
+               halo: pd.DataFrame | None = None, threads: int | None = None) -> pd.DataFrame:
     """Catalog of the sources of one region.
 
     Parameters
@@ -582,6 +582,8 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
     halo : sources of other regions near this one that are fitted with the region (so that
         the region's sources see their neighbours' current estimates, not their starting
         values) but not reported; ``neighbours`` then are the ring beyond them
+    threads : batches fitted side by side on a CPU (None: one per core of the process's
+        affinity mask); the results do not depend on it
 
     Returns
     -------
@@ -642,9 +644,9 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
                 rows = sc.fit_rows[local]
                 bg = sc.background(xs, xg, p_star, renderer)
                 rs = _fit_type(lay_s, sc, xs[rows], bg, prior_s, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                               vector_width=vector_width, progress=report("star"), subset=local)
+                               vector_width=vector_width, progress=report("star"), subset=local, threads=threads)
                 rg = _fit_type(lay_g, sc, xg[rows], bg, prior_g, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                               vector_width=vector_width, progress=report("galaxy"), subset=local)
+                               vector_width=vector_width, progress=report("galaxy"), subset=local, threads=threads)
                 res_s.store(rows, rs)
                 res_g.store(rows, rg)
                 for k, row in enumerate(rows):

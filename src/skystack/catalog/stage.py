@@ -107,13 +107,13 @@ def read_candidates(path) -> pd.DataFrame:
 
 def on_some_image(candidates: pd.DataFrame, index: pd.DataFrame) -> np.ndarray:
     """True for candidates inside the footprint of at least one image."""
-    from astropy.wcs import WCS
+    from ..astrometry.astropy_wcs import wcs_from_header_text
 
 
     inside = np.zeros(len(candidates), bool)
     ra, dec = candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float)
     for _, row in index.iterrows():
-        w = WCS(fits.Header.fromstring(row["wcs_header"]))
+        w = wcs_from_header_text(row["wcs_header"])
         x, y = astropy_world2pix_near(w, ra, dec, (int(row["naxis2"]), int(row["naxis1"])))
         inside |= (x >= -0.5) & (x < row["naxis1"] - 0.5) & (y >= -0.5) & (y < row["naxis2"] - 0.5)
     return inside
@@ -225,11 +225,12 @@ def plan_regions_stage(candidates_path, regions_out, plan_out, *, max_sources_pe
 
 
 def fit_region_stage(regions_path, images_path, region: int, catalog_out, *, margin_arcsec: float, patch_px: int,
-                     tol: float, max_iter: int, max_images: int, log: logging.Logger) -> pd.DataFrame:
+                     tol: float, max_iter: int, max_images: int, log: logging.Logger,
+                     threads: int | None = None) -> pd.DataFrame:
     """``fit_region``: every source of one region fitted jointly to every overlapping science
     image, together with its halo of neighbours from other regions (the ring beyond held fixed).
     A region without sources (a survey without science images, a field without detections)
-    gives an empty table."""
+    gives an empty table. ``threads``: batches fitted side by side on a CPU (the rule's threads)."""
     sources, halo, ring = region_inputs(pd.read_parquet(regions_path), region, margin_arcsec)
     if len(sources) == 0:
         log.info("region %d: no sources; empty table", region)
@@ -241,11 +242,12 @@ def fit_region_stage(regions_path, images_path, region: int, catalog_out, *, mar
                                               str(images_path), log),
                               fitted["ra"], fitted["dec"], margin_arcsec + patch_px)
     log.info("region %d: %d sources, %d halo neighbours fitted with them, %d fixed beyond, %d overlapping science "
-             "images (all epochs and bands)", region, len(sources), len(halo), len(ring), len(rows))
+             "images (all epochs and bands); %s thread(s)", region, len(sources), len(halo), len(ring), len(rows),
+             threads or "all the process's")
     images = [load_image(row) for _, row in rows.iterrows()]
     t0 = time.time()
     catalog = fit_region(sources, ring, images, tol=tol, max_iter=max_iter, patch_px=patch_px,
-                         max_images=max_images, region=region, progress=log.info, halo=halo)
+                         max_images=max_images, region=region, progress=log.info, halo=halo, threads=threads)
     seconds = max(time.time() - t0, 1e-9)
     log.info("fitted %d sources (+%d halo) in %.1f s (%.1f sources/s); %d not converged (flagged, kept); "
              "%d with residuals above the noise (fit_chi2 > 1.5: sds inflated, types tempered)", len(catalog),
