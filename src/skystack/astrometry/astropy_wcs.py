@@ -1,7 +1,23 @@
 """astropy WCS helpers: header text to WCS, world to pixel near an image, pixel scale."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+
+def wcs_from_header_text(text: str):
+    """The astropy WCS of a header stored as text by the image index (80-character cards back
+    to back, or one per line). The index wrote it from a WCS astropy had already checked and
+    fixed, so the fixes it would announce again (OBSGEO-L/B/H derived from OBSGEO-X/Y/Z, once
+    per image and job) are not repeated in the logs."""
+    from astropy.io import fits
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    header = fits.Header.fromstring(text, sep="\n" if "\n" in text else "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header)
 
 
 def astropy_world2pix_near(wcs, ra_deg, dec_deg, shape_yx, margin_px: float = 50.0):

@@ -91,9 +91,7 @@ def region_exposures(images: pd.DataFrame, reference: dict, hw: dict, *, smoothi
     indexed PSF widened by the smoothing, in arcsec), the unsmoothed width, and the width of the
     SNR loss an offset costs the object under that filter, ``loss_sigma_arcsec``
     (``covering.smoothed_filter``; equal to the filter's when unsmoothed)."""
-    from astropy.io import fits
-    from astropy.wcs import WCS
-
+    from ..astrometry.astropy_wcs import wcs_from_header_text
     from ..search.intersect import intersect
     from ..survey.headers import pixel_scale_arcsec
 
@@ -103,7 +101,7 @@ def region_exposures(images: pd.DataFrame, reference: dict, hw: dict, *, smoothi
         return pd.DataFrame(columns=["exposure_id", "jd_tdb", "site_lat_deg", "site_lon_deg", "site_height_m",
                                      "psf_sigma_arcsec", "unsmoothed_sigma_arcsec", "loss_sigma_arcsec",
                                      "n_images"])
-    scale = np.array([pixel_scale_arcsec(WCS(fits.Header.fromstring(h))) for h in reached["wcs_header"]])
+    scale = np.array([pixel_scale_arcsec(wcs_from_header_text(h)) for h in reached["wcs_header"]])
     reached["filter_sigma_arcsec"] = np.hypot(reached["psf_sigma_px"].to_numpy(float), smoothing_sigma_px) * scale
     reached["unsmoothed_sigma_arcsec"] = reached["psf_sigma_px"].to_numpy(float) * scale
     reached["loss_sigma_arcsec"] = smoothed_filter(reached["psf_sigma_px"].to_numpy(float), smoothing_sigma_px)[0] * scale

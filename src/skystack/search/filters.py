@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..astrometry.astropy_wcs import astropy_world2pix_near
+from ..astrometry.astropy_wcs import astropy_world2pix_near, wcs_from_header_text
 from ..core.units import FWHM_PER_SIGMA
 
 
@@ -12,14 +12,12 @@ def star_mask_hits(partials: pd.DataFrame, images: pd.DataFrame, stars: pd.DataF
     """True for intersections within ``radius_arcsec`` of a masked (bright) star."""
     if stars is None or stars.empty or partials.empty:
         return np.zeros(len(partials), bool)
-    from astropy.io import fits
-    from astropy.wcs import WCS
 
 
     hit = np.zeros(len(partials), bool)
     for image_id, idx in partials.groupby("image_id").indices.items():
         row = images.loc[images["image_id"] == image_id].iloc[0]
-        wcs = WCS(fits.Header.fromstring(row["wcs_header"]))
+        wcs = wcs_from_header_text(row["wcs_header"])
         sx, sy = astropy_world2pix_near(wcs, stars["ra_deg"].to_numpy(), stars["dec_deg"].to_numpy(),
                                         (int(row["naxis2"]), int(row["naxis1"])))
         scale = np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600

@@ -159,8 +159,7 @@ def _pad(a: np.ndarray, m: int, fill) -> np.ndarray:
 def candidate_data(trial: pd.Series, rows: pd.DataFrame, images: pd.DataFrame, caches: dict, keep: np.ndarray,
                    radius_px: int) -> CandidateData:
     """Patches and geometry of one candidate's intersections ``rows`` (image_id, x, y)."""
-    from astropy.io import fits
-    from astropy.wcs import WCS
+    from ..astrometry.astropy_wcs import wcs_from_header_text
 
     meta = images.set_index("image_id").loc[rows["image_id"].to_numpy()]
     x, y = rows["x"].to_numpy(float), rows["y"].to_numpy(float)
@@ -170,7 +169,7 @@ def candidate_data(trial: pd.Series, rows: pd.DataFrame, images: pd.DataFrame, c
         patches[sel] = caches[int(part)].patches(rows["image_id"].to_numpy()[sel], x[sel], y[sel], radius_px)
     bg = np.where(meta["is_difference"].to_numpy(), 0.0, meta["sky_level"].to_numpy(float))
     patches -= bg[:, None, None]
-    jac = np.stack([_pix_per_arcsec(WCS(fits.Header.fromstring(h)), xi, yi)
+    jac = np.stack([_pix_per_arcsec(wcs_from_header_text(h), xi, yi)
                     for h, xi, yi in zip(meta["wcs_header"], x, y)])
     site = {"lat_deg": meta["site_lat_deg"].to_numpy(float), "lon_deg": meta["site_lon_deg"].to_numpy(float),
             "height_m": meta["site_height_m"].to_numpy(float)}
