@@ -50,8 +50,9 @@ rule fit_region:
         bench_path("fit_region", "_{region}")
     conda:
         gpu_env("fit_region")
-    # Batches of sources are fitted side by side, one per thread; more with set-threads.
-    threads: 1
+    # Batches of sources are fitted side by side, one per thread (a region's batches keep two
+    # cores busy; Snakemake gives fewer where --cores is smaller); more with set-threads.
+    threads: 2
     params:
         margin_arcsec=config["catalog"]["margin_arcsec"],
         patch_px=config["catalog"]["patch_px"],
