@@ -150,7 +150,7 @@ rule search_report:
         listed=result("search", "orbits_listed.parquet"),
         plan=result("search", "plan.json"),
         truth=truth_input(),
-        candidates_of=combined_chunks,
+        light_curves=result("light_curves.ecsv"),
         images=result("images.parquet"),
         rejected=result("rejected_images.parquet"),
         catalog=catalog_targets()[:1],

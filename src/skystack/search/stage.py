@@ -339,12 +339,16 @@ def _refined(det, candidates, images, caches, stars_path, plan, *, smoothing_sig
 RECOVERED_COLUMNS = ["orbit_id", "name", "expected_combined_snr", "detected", "detection_orbit_id"]
 
 
-def report_stage(all_orbits_path, detections_path, listed_path, plan_path, truth_paths, combined_paths, *,
+def report_stage(all_orbits_path, detections_path, listed_path, plan_path, truth_paths, tracks_path, *,
                  histogram_out, completeness_out, grid_out, recovered_out, snr_threshold: float,
                  log: logging.Logger, summary_out=None, images_path=None, rejected_path=None,
                  catalog_path=None, experiment: str = "") -> pd.DataFrame:
     """``search_report``: SNR histogram, SNR along the listed grid, completeness against the
-    simulated truth (when there is one), and the run's summary page (``summary_out``)."""
+    simulated truth (when there is one), and the run's summary page (``summary_out``).
+
+    ``tracks_path``: the detections' light curves (``merge_detections``), whose positions are
+    the tracks the detections follow (refined ones in a region search); a detection recovers
+    the injected object whose positions those tracks meet."""
     combined = pd.read_parquet(all_orbits_path)
     det = pd.read_parquet(detections_path)
     listed = pd.read_parquet(listed_path)
@@ -359,8 +363,12 @@ def report_stage(all_orbits_path, detections_path, listed_path, plan_path, truth
         truth_orbits, injected, images = (pd.read_parquet(p) for p in truth_paths)
         # Injected positions are on the difference images the search used.
         inj = injected[injected["kind"] == "difference"].merge(images[["image_id", "path"]], on="path")
-        det["truth_orbit_id"] = match_truth(det, inj[["orbit_id", "image_id", "x", "y"]],
-                                            _candidates_of(combined_paths), duplicate_match_px(images))
+        from astropy.table import Table
+
+        # The detection's own track, not its trial orbit's: refinement may climb far from the trial.
+        tracks = Table.read(tracks_path, format="ascii.ecsv").to_pandas()[["orbit_id", "image_id", "x", "y"]]
+        det["truth_orbit_id"] = match_truth(det, inj[["orbit_id", "image_id", "x", "y"]], tracks,
+                                            duplicate_match_px(images))
         found = det[det["truth_orbit_id"] >= 0].groupby("truth_orbit_id")["orbit_id"].first()
         recovered = truth_orbits[["orbit_id", "name", "expected_combined_snr"]].copy()
         recovered["detected"] = recovered["orbit_id"].isin(found.index)
