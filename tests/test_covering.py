@@ -10,6 +10,7 @@ use the same box 10x narrower (``SMALL``: 2e3 to 2e4 trials).
 import math
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
@@ -228,3 +229,19 @@ def test_refine_from_a_trial(survey):
     rms = float(np.sqrt(np.mean(np.sum((np.asarray(positions(x_ref)) - np.asarray(positions(x_true))) ** 2, -1))))
     assert rms < 0.1  # arcsec
     assert res.covariance.shape == (6, 6) and np.all(res.sigma > 0)
+
+
+def _cusp_snr(x):
+    """Finite at its start (x[0] = 0) but with no curvature there: the Hessian is NaN."""
+    return 10.0 - jnp.sum((x[1:] - 0.5) ** 2) - jnp.sqrt(jnp.abs(x[0]))
+
+
+def test_refine_stops_where_the_curvature_is_not_finite(capfd):
+    """A start where the SNR's Hessian is NaN (as at a track crossing an image's edge) gives an
+    unconverged result at the start with infinite sds, without handing the NaNs to LAPACK
+    (which prints "On entry to DLASCL parameter number 4 had an illegal value")."""
+    res = refine_orbit(np.zeros(6), _cusp_snr)
+    assert "illegal value" not in "".join(capfd.readouterr())
+    assert not res.converged and res.steps == 0
+    assert res.snr_after == res.snr_before == pytest.approx(10.0 - 5 * 0.25)
+    assert np.all(np.isinf(res.sigma))

@@ -119,6 +119,8 @@ def refine_orbit(elements0, snr_fn: Callable, *, args: tuple = (), max_steps: in
     g = np.asarray(grad(jnp.asarray(x)))
     h = np.asarray(hess(jnp.asarray(x)))
     for _ in range(max_steps):
+        if not (np.isfinite(h).all() and np.isfinite(g).all()):
+            break  # no curvature to step on (e.g. a track crossing an image's edge): not converged
         a = -0.5 * (h + h.T)
         d = np.maximum(np.abs(np.diag(a)), 1e-300)
         try:
@@ -155,6 +157,8 @@ def refine_orbit(elements0, snr_fn: Callable, *, args: tuple = (), max_steps: in
 def _newton_decrement(h, g, value) -> float:
     """g^T (-H)^-1 g / value: the relative SNR gain a full Newton step would still bring."""
     a = -0.5 * (h + h.T)
+    if not (np.isfinite(a).all() and np.isfinite(g).all()):
+        return math.inf  # LAPACK would only complain about the NaNs
     try:
         lam = float(g @ np.linalg.lstsq(a, g, rcond=1e-14)[0])
     except np.linalg.LinAlgError:
