@@ -109,7 +109,6 @@ def on_some_image(candidates: pd.DataFrame, index: pd.DataFrame) -> np.ndarray:
     """True for candidates inside the footprint of at least one image."""
     from ..astrometry.astropy_wcs import wcs_from_header_text
 
-
     inside = np.zeros(len(candidates), bool)
     ra, dec = candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float)
     for _, row in index.iterrows():

@@ -12,8 +12,6 @@ def star_mask_hits(partials: pd.DataFrame, images: pd.DataFrame, stars: pd.DataF
     """True for intersections within ``radius_arcsec`` of a masked (bright) star."""
     if stars is None or stars.empty or partials.empty:
         return np.zeros(len(partials), bool)
-
-
     hit = np.zeros(len(partials), bool)
     for image_id, idx in partials.groupby("image_id").indices.items():
         row = images.loc[images["image_id"] == image_id].iloc[0]
