@@ -14,15 +14,13 @@ the PSF changes across the field, so a galaxy away from the centre gets the cent
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from astropy.io import fits
-from astropy.wcs import WCS, FITSFixedWarning
 
-from ..astrometry.astropy_wcs import astropy_world2pix_near
+from ..astrometry.astropy_wcs import astropy_world2pix_near, wcs_from_header_text
 from ..survey.pixels import aux_of, read_pixels
 from ..survey.stage import select_images
 
@@ -60,12 +58,6 @@ def galaxies_for(source: str, table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- where to cut
-def _header_wcs(text: str) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)  # e.g. OBSGEO filled in: harmless here
-        return WCS(fits.Header.fromstring(text), naxis=2, relax=True)
-
-
 def place_galaxies(galaxies: pd.DataFrame, images: pd.DataFrame, half_px: int) -> pd.DataFrame:
     """For each galaxy, the image where it lies farthest from the edge, the whole stamp inside.
 
@@ -79,7 +71,7 @@ def place_galaxies(galaxies: pd.DataFrame, images: pd.DataFrame, half_px: int) -
     ra, dec = galaxies["ra"].to_numpy(float), galaxies["dec"].to_numpy(float)
     for _, row in images.sort_values("image_id").iterrows():  # ascending ids: ties keep the lowest
         nx, ny = int(row["naxis1"]), int(row["naxis2"])
-        x, y = astropy_world2pix_near(_header_wcs(row["wcs_header"]), ra, dec, (ny, nx))
+        x, y = astropy_world2pix_near(wcs_from_header_text(row["wcs_header"]), ra, dec, (ny, nx))
         margin_px = np.fmin(np.fmin(x, nx - 1 - x), np.fmin(y, ny - 1 - y))
         # the centre pixel (rounded position) must leave half_px on every side
         xc, yc = np.floor(x + 0.5), np.floor(y + 0.5)

@@ -77,9 +77,9 @@ def expected_false_alarms(n_orbits: int, snr_threshold: float, snr_sd: float = 1
 
     ``snr_sd`` is 1 for the plain matched filter; sigma-G clipping widens it a little (1.02
     with 30 images per orbit), which ``robust_snr_sd`` measures on a run's own orbits."""
-    from scipy.stats import norm
+    from ..orbits.noise_peaks import gaussian_tail
 
-    return float(n_orbits * norm.sf(snr_threshold / snr_sd))
+    return float(n_orbits * gaussian_tail(snr_threshold / snr_sd))
 
 
 def robust_snr_sd(snr) -> float:
