@@ -59,6 +59,7 @@ rule fit_region:
         tol=config["catalog"]["tol"],
         max_iter=config["catalog"]["max_iter"],
         max_images=config["catalog"]["max_images"],
+        detect_residuals=config["catalog"]["detect_residuals"],
     script:
         "../scripts/fit_region.py"
 

@@ -7,7 +7,7 @@ only here, at set-up, so the JAX model works with local affine maps.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Callable, Union
 
@@ -18,7 +18,7 @@ from ..astrometry.astropy_wcs import astropy_world2pix_near, wcs_from_header_tex
 from ..core.units import MAD_TO_SIGMA, counts_per_nmgy
 from .psf import PsfMixture, fit_psf_image, gaussian_psf
 
-PsfSpec = Union[float, np.ndarray, Callable]
+PsfSpec = Union[float, np.ndarray, PsfMixture, Callable]
 
 #: Spacing (px) of the nodes at which a space-variant PSF is fitted (``ImageData.psf_at``).
 PSF_GRID_PX = 128
@@ -35,7 +35,8 @@ class ImageData:
     magzp : AB zero point, ``counts = 10**(-0.4 (m - magzp))``
     wcs_header : celestial WCS as FITS header text (None: pixel work only, e.g. detection)
     psf : Gaussian sigma (px, before pixelisation), a pixelised PSF image (centred,
-        odd size), or a callable ``(x_px, y_px) -> sigma or image`` for a space-variant PSF
+        odd size), a fitted ``PsfMixture``, or a callable ``(x_px, y_px) -> sigma or image`` for a
+        space-variant PSF
     sky_level : ADU, scalar or (ny, nx) map; still present in ``pixels`` unless
         ``sky_subtracted``
     gain : e-/ADU
@@ -149,12 +150,37 @@ class ImageData:
             key, spec = "const", self.psf
         if key in self._psf_cache:
             return self._psf_cache[key]
-        if np.ndim(spec) == 0:
+        if isinstance(spec, PsfMixture):
+            mix = spec
+        elif np.ndim(spec) == 0:
             mix = gaussian_psf(float(spec))
         else:
             mix = fit_psf_image(np.asarray(spec), self.psf_components)
         self._psf_cache[key] = mix
         return mix
+
+    def cutout(self, x0: int, x1: int, y0: int, y1: int) -> "ImageData":
+        """The pixels ``[y0:y1, x0:x1]`` as an image of their own: the WCS's reference pixel
+        moved by (x0, y0) (exact for TAN, SIP and TPV, whose distortions are polynomials of the
+        offset from it), sky, noise and saturation maps cut alike, and the PSF at the cutout's
+        centre (its variation within a cutout of a few hundred pixels is left out)."""
+        from astropy.io import fits
+
+        cut = (slice(y0, y1), slice(x0, x1))
+
+        def sub(value):
+            return np.asarray(value)[cut] if np.ndim(value) == 2 else value
+
+        header = None
+        if self.wcs_header is not None:
+            text = self.wcs_header
+            hdr = fits.Header.fromstring(text, sep="\n" if "\n" in text else "")
+            hdr["CRPIX1"] = float(hdr.get("CRPIX1", 0.0)) - x0
+            hdr["CRPIX2"] = float(hdr.get("CRPIX2", 0.0)) - y0
+            header = hdr.tostring(sep="\n")
+        centre = self.psf_at(0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1))
+        return replace(self, pixels=self.pixels[cut], wcs_header=header, psf=centre, sky_level=sub(self.sky_level),
+                       noise_var=sub(self.noise_var), saturated=sub(self.saturated), _psf_cache={})
 
     def psf_r50_px(self) -> float:
         """Half-light radius (px) of the PSF at the image centre: the radius holding half of the

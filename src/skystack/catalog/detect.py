@@ -23,7 +23,7 @@ is masked a PSF FWHM deep, so a partly covered image gives no bogus source at it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -683,11 +683,14 @@ def epoch_labels(images: list[ImageData]) -> np.ndarray:
     return labels
 
 
-def joint_matched_filter(images: list[ImageData], backgrounds=None, grid=None, bands=None) -> MatchedFilterMaps:
+def joint_matched_filter(images: list[ImageData], backgrounds=None, grid=None, bands=None,
+                         saturation_veto_fwhm: float | None = None) -> MatchedFilterMaps:
     """Every image's matched filter (``image_matched_filter``) resampled (bilinearly) onto the
     grid (``(wcs, shape)``; default ``common_grid``) and summed by inverse variance, per band
     (``bands``, default the images'); images without a finite zero point are left out. Grid
-    pixels outside an image's coverage get nothing from it."""
+    pixels outside an image's coverage get nothing from it. Peaks are vetoed within
+    ``saturation_veto_fwhm`` (default ``MF_SATURATION_VETO_FWHM``) PSF FWHMs of a saturated
+    source's masked region."""
     grid, shape = common_grid(images) if grid is None else grid
     bands = sort_bands({im.band for im in images} if bands is None else bands)
     a = {b: np.zeros(shape, np.float32) for b in bands}
@@ -744,7 +747,8 @@ def joint_matched_filter(images: list[ImageData], backgrounds=None, grid=None, b
         eb[sl] += rb_i
         sat = saturated_regions(~np.isfinite(im.pixels), im.saturated)
         if sat.any():
-            sat = ndimage.binary_dilation(sat, structure=_disc(MF_SATURATION_VETO_FWHM * fwhm_im))
+            veto_fwhm = MF_SATURATION_VETO_FWHM if saturation_veto_fwhm is None else saturation_veto_fwhm
+            sat = ndimage.binary_dilation(sat, structure=_disc(veto_fwhm * fwhm_im))
             hit = ndimage.map_coordinates(sat.astype(np.float32), coords, order=0, cval=0.0).reshape(ix.shape)
             veto = np.zeros(shape, bool) if veto is None else veto
             veto[sl] |= (hit > 0.5) & inside
@@ -870,14 +874,16 @@ MF_TILE_MARGIN_PX = 32
 
 
 def matched_filter_search(images: list[ImageData], backgrounds=None, snr_threshold: float = MF_SNR_THRESHOLD,
-                          ra_deg=(), dec_deg=(), tile_px: int | None = None, min_images: int = 1
+                          ra_deg=(), dec_deg=(), tile_px: int | None = None, min_images: int = 1,
+                          trials_factor: float = 1.0, saturation_veto_fwhm: float | None = None
                           ) -> tuple[pd.DataFrame, np.ndarray, float]:
     """``matched_filter_peaks`` of ``joint_matched_filter`` over the common grid, tile by tile
     (``tile_px`` square cores, default twice the largest image's extent within 256 to
     ``MF_TILE_PX``, overlapping by ``MF_TILE_MARGIN_PX``, each with the images that
     reach it and its own calibration), the calibrated SNR at the positions ``ra_deg``,
     ``dec_deg`` (0 where vetoed or uncovered), and the threshold the peaks passed:
-    ``snr_threshold`` raised by ``survey_threshold`` for the beams the images cover."""
+    ``snr_threshold`` raised by ``survey_threshold`` for the beams the images cover, times
+    ``trials_factor`` (a search of one region of many counts them all)."""
     grid, (ny, nx) = common_grid(images)
     bands = sort_bands({im.band for im in images})
     ra_q, dec_q = np.asarray(ra_deg, float), np.asarray(dec_deg, float)
@@ -902,7 +908,8 @@ def matched_filter_search(images: list[ImageData], backgrounds=None, snr_thresho
             sub.wcs.crpix = [grid.wcs.crpix[0] - x0, grid.wcs.crpix[1] - y0]
             maps = joint_matched_filter([images[k] for k in mine],
                                         None if backgrounds is None else [backgrounds[k] for k in mine],
-                                        grid=(sub, (y1 - y0, x1 - x0)), bands=bands)
+                                        grid=(sub, (y1 - y0, x1 - x0)), bands=bands,
+                                        saturation_veto_fwhm=saturation_veto_fwhm)
             peaks = matched_filter_peaks(maps, snr_threshold, min_images=min_images)
             px, py = grid.wcs_world2pix(peaks["ra"].to_numpy(float), peaks["dec"].to_numpy(float), 0)
             core = (px >= tx - 0.5) & (px < tx + tile_px - 0.5) & (py >= ty - 0.5) & (py < ty + tile_px - 0.5)
@@ -914,7 +921,7 @@ def matched_filter_search(images: list[ImageData], backgrounds=None, snr_thresho
                 snr_q[q] = maps.snr_at(ra_q[q], dec_q[q], snr_threshold, min_images)
     found = [f for f in found if len(f)]
     peaks = pd.concat(found, ignore_index=True) if found else _no_peaks(bands)
-    threshold = survey_threshold(n_beams, snr_threshold)
+    threshold = survey_threshold(n_beams * trials_factor, snr_threshold)
     return peaks[peaks["snr"].to_numpy(float) >= threshold].reset_index(drop=True), snr_q, threshold
 
 
@@ -1047,6 +1054,72 @@ def detect_sources(images: list[ImageData], *, thresh_sigma: float = 3.0, match_
     new = ~_nearest(peaks["ra"], peaks["dec"], kept["ra"], kept["dec"], match_radius_arcsec)[0]
     parts = [p for p in (kept, _point_source_candidates(peaks[new], bands)) if len(p)]
     return _as_candidates(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(), bands)
+
+
+#: Fraction of a model's counts taken as its error when residuals are searched for sources: a
+#: PSF or a profile described to a few percent leaves residuals of that order where its light
+#: is, which must not read as new sources.
+RESIDUAL_MODEL_ERROR_FRAC = 0.03
+#: Matched-filter SNR a residual peak needs: 0.02 noise peaks per 10^4 beams (``detect_sources``
+#: with ``mf_snr_threshold``), a tenth of the first detection's rate, since the residual search
+#: comes on top of it.
+RESIDUAL_SNR_THRESHOLD = 5.0
+#: Residual peaks are not taken within this many PSF FWHMs of a saturated source's masked
+#: region: its model (core masked, wings and spikes beyond any profile) leaves residuals there.
+RESIDUAL_SATURATION_VETO_FWHM = 6.0
+
+
+def residual_candidates(images: list[ImageData], models: list[np.ndarray], *,
+                        snr_threshold: float = RESIDUAL_SNR_THRESHOLD,
+                        min_images: int = 1, trials_factor: float = 1.0,
+                        parents=None) -> tuple[pd.DataFrame, float]:
+    """Point-source candidates (``candidate_columns``) from the joint matched filter of the
+    residual images, pixels minus ``models`` (ADU, the expected counts of the sources fitted so
+    far, sky excluded), and the threshold they passed.
+
+    The background is estimated again on the residuals, where the sources no longer bias it,
+    and the noise adds the models' shot noise and ``RESIDUAL_MODEL_ERROR_FRAC`` of their counts
+    in quadrature, and no peak is taken within ``RESIDUAL_SATURATION_VETO_FWHM`` of a saturated
+    source. What the first detection could not separate, a fainter source on the flank
+    of a brighter one's matched-filter response, is then a peak of its own.
+
+    ``parents``, a callable ``peaks -> (ra_deg, dec_deg)`` (NaN where none; ``peaks`` as
+    ``matched_filter_peaks`` gives them), gives for each peak the centre of the source it would
+    be a piece of (the nearest brighter one). A symmetric source that the model does not follow
+    (a galaxy's profile, a PSF's wings) leaves residuals symmetric about its centre, where a
+    neighbour has no twin: a peak is kept only if it exceeds the residual SNR at its reflection
+    through that centre by the threshold, as a deblender that takes galaxies to be symmetric
+    would split them."""
+    bands = sort_bands({im.band for im in images})
+    if not images:
+        return _as_candidates(pd.DataFrame(), bands), snr_threshold
+    residuals, backgrounds = [], []
+    for im, model in zip(images, models):
+        res = replace(im, pixels=np.asarray(im.pixels, np.float32) - model.astype(np.float32), _psf_cache={})
+        sub, rms, mask = _background(res)
+        shot = 0.0 if im.noise_includes_sources else np.maximum(model, 0.0) / max(im.gain, 1e-12)
+        var = np.asarray(rms, np.float64) ** 2 + shot + (RESIDUAL_MODEL_ERROR_FRAC * model) ** 2
+        residuals.append(res)
+        backgrounds.append((sub, np.sqrt(var).astype(np.float32), mask))
+    peaks, _, threshold = matched_filter_search(residuals, backgrounds, snr_threshold, min_images=min_images,
+                                                trials_factor=trials_factor,
+                                                saturation_veto_fwhm=RESIDUAL_SATURATION_VETO_FWHM)
+    if parents is not None and len(peaks):
+        ra, dec = peaks["ra"].to_numpy(float), peaks["dec"].to_numpy(float)
+        p_ra, p_dec = parents(peaks)
+        has = np.isfinite(p_ra) & np.isfinite(p_dec)
+        keep = np.ones(len(peaks), bool)
+        if has.any():
+            cosd = np.cos(np.radians(p_dec[has]))
+            east = ((ra[has] - p_ra[has] + 180.0) % 360.0 - 180.0) * cosd
+            m_dec = p_dec[has] - (dec[has] - p_dec[has])
+            m_ra = (p_ra[has] - east / np.cos(np.radians(m_dec))) % 360.0
+            _, twin, _ = matched_filter_search(residuals, backgrounds, snr_threshold, m_ra, m_dec,
+                                               min_images=min_images, trials_factor=trials_factor,
+                                               saturation_veto_fwhm=RESIDUAL_SATURATION_VETO_FWHM)
+            keep[has] = peaks["snr"].to_numpy(float)[has] - np.maximum(twin, 0.0) >= threshold
+        peaks = peaks[keep].reset_index(drop=True)
+    return _as_candidates(_point_source_candidates(peaks, bands), bands), threshold
 
 
 def add_magnitudes_and_colors(cat: pd.DataFrame, bands) -> pd.DataFrame:

@@ -520,6 +520,9 @@ def _mix(p, a, b):
     return mean, p * va + (1 - p) * vb + p * (1 - p) * (ma - mb) ** 2
 
 
+#: New sources are not taken from the residuals closer than this many PSF FWHMs to a fitted
+#: source, where a residual cannot be told from an error of that source's profile.
+RESIDUAL_MIN_SEPARATION_FWHM = 0.5
 #: Patch sides the region's patch size is rounded up to (one compilation per size).
 PATCH_SIZES_PX = (15, 19, 23, 27, 31, 39, 47, 55, 63)
 #: Floor of the type probabilities: a mismatch between the model and the sky (PSF, profile,
@@ -552,7 +555,8 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
                pass_tol_sd: float = 0.05,
                patch_px: int | None = 15, batch_size: int = 64, vector_width: int | None = None,
                max_images: int | None = None, region: int = -1, progress=None,
-               halo: pd.DataFrame | None = None, threads: int | None = None) -> pd.DataFrame:
+               halo: pd.DataFrame | None = None, threads: int | None = None, detect_residuals: bool = True,
+               residual_trials_factor: float = 1.0, margin_arcsec: float = 15.0) -> pd.DataFrame:
     """Catalog of the sources of one region.
 
     Parameters
@@ -584,10 +588,24 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
         values) but not reported; ``neighbours`` then are the ring beyond them
     threads : batches fitted side by side on a CPU (None: one per core of the process's
         affinity mask); the results do not depend on it
+    detect_residuals : after the passes, search the residual images (pixels minus the model of
+        every source) with the joint matched filter (``detect.residual_candidates``), add the
+        point-source candidates found there, and refit them with the sources their light
+        reaches: a source on the flank of a brighter one, whose matched-filter peak the first
+        detection could not separate, is then fitted instead of being absorbed by it. A new
+        source belongs to the region whose input source is nearest it (the halo's are fitted
+        here but reported by their own region), and is taken only within ``margin_arcsec`` of
+        that source, where every detected source near it is in the model
+    residual_trials_factor : the residual search's threshold counts the beams of this many
+        regions (the survey's number), so that all regions together admit at most
+        ``detect.MF_MAX_NOISE_PEAKS`` noise peaks
+    margin_arcsec : the margin within which ``halo`` was chosen (sources of other regions within
+        it of the region's; ``neighbours`` within twice it)
 
     Returns
     -------
-    DataFrame, one row per source of ``sources`` in input order (see ``catalog.OUTPUT_COLUMNS``).
+    DataFrame, one row per source of ``sources`` in input order, then one per source found in the
+    residuals (``found_in_residuals``; see ``catalog.OUTPUT_COLUMNS``).
     The reported standard deviations are the Laplace ones times ``sqrt(fit_chi2)`` where the
     fit's residuals exceed the noise (``fit_chi2 > 1``), and the type log-odds are divided by it
     (a tempered posterior), then floored at ``P_STAR_FLOOR``.
@@ -600,84 +618,316 @@ def fit_region(sources: pd.DataFrame, neighbours: pd.DataFrame | None, images: l
         return empty_catalog(bands)
     halo = halo if halo is not None else sources.iloc[:0]
     neighbours = neighbours if neighbours is not None else sources.iloc[:0]
-    table = pd.concat([sources.assign(_fit=True), halo.assign(_fit=True), neighbours.assign(_fit=False)],
-                      ignore_index=True)
+    n_src, n_halo = len(sources), len(halo)
+    table = pd.concat([sources.assign(_fit=True, _new=False), halo.assign(_fit=True, _new=False),
+                       neighbours.assign(_fit=False, _new=False)], ignore_index=True)
     ref = reference_band_index(bands)
     lay_s, lay_g = E.Layout(len(bands), ref, False), E.Layout(len(bands), ref, True)
     prior_s = type_prior_arrays(priors, bands, "star")
     prior_g = type_prior_arrays(priors, bands, "galaxy")
     p_prior = float(merged_priors(priors)["p_star"])
-    xs, xg, p_star = _initial_vectors(table, bands, ref, lay_s, lay_g, prior_s, prior_g)
-    # One scene per patch size: each fits its own sources, all see every source's current light.
-    sizes = patch_sizes_px(images, table, patch_px or 15)
-    fitted = table["_fit"].to_numpy(bool)
-    scenes = [_Scene(table.assign(_fit=fitted & (sizes == size)), images, bands, int(size), max_images)
-              for size in np.unique(sizes[fitted])]
-    _warn_masked_patches(sources, scenes)
-    passes = n_passes if any(sc.n_pairs for sc in scenes) else 1
     if vector_width is None:
         vector_width = 1 if jax.default_backend() == "cpu" else batch_size
-    n_rows = len(table)
-    res_s = _Results(n_rows, lay_s.size)
-    res_g = _Results(n_rows, lay_g.size)
-    log_odds = np.zeros(n_rows)
-    partners = _partners(n_rows, scenes)
-    # Gauss-Seidel over colours of the blend graph: sources of one colour never share light, so
-    # they are fitted together, and each colour sees the ones fitted before it in the pass
-    # (twice Jacobi's convergence rate on a pair).
-    colour = _colours(partners, table["dec"].to_numpy(float), table["ra"].to_numpy(float), fitted)
-    active = fitted.copy()  # rows refitted in this pass
-    for n_pass in range(1, passes + 1):
-        moved = np.zeros(n_rows)
-        for c in range(int(colour.max()) + 1 if fitted.any() else 0):
-            for sc in scenes:
-                def report(kind, size=sc.size, n_pass=n_pass):
-                    if progress is None:
-                        return None
-                    return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model ({size} px patches): "
-                                                        f"{done}/{total} sources")
+    fit = _RegionFit(table, images, bands, lay_s, lay_g, prior_s, prior_g, p_prior, patch_px=patch_px or 15,
+                     max_images=max_images, fit_kw=dict(tol=tol, max_iter=max_iter, batch_size=batch_size,
+                                                        vector_width=vector_width, threads=threads))
+    _warn_masked_patches(sources, fit.scenes)
+    fit.run_passes(fit.fitted.copy(), n_passes, pass_tol_sd, progress)
+    if detect_residuals:
+        new = fit.residual_sources(n_src, n_halo, margin_arcsec, trials_factor=residual_trials_factor)
+        if len(new):
+            members = new["_owner"].to_numpy() == "member"
+            n_mine = int(members.sum())
+            (progress or log.info)(f"region {region}: {len(new)} source(s) found in the residuals of the fit "
+                                   f"({n_mine} of the region, {len(new) - n_mine} of its halo); refitting them with "
+                                   "the sources their light reaches")
+            new = new.drop(columns="_owner").assign(_fit=True, _new=True)
+            parts = [table.iloc[:n_src], new[members], table.iloc[n_src:n_src + n_halo], new[~members],
+                     table.iloc[n_src + n_halo:]]
+            old_rows = [np.arange(n_src), None, np.arange(n_src, n_src + n_halo), None,
+                        np.arange(n_src + n_halo, len(table))]
+            fit.extend(parts, old_rows)
+            n_src += int(members.sum())
+            table = fit.table
+            reached = np.asarray(fit.partners @ fit.is_new.astype(float)).ravel() > 0
+            fit.run_passes(fit.fitted & (fit.is_new | reached), n_passes, pass_tol_sd, progress)
+    return fit.catalog(table.iloc[:n_src], n_src, region)
 
-                local = np.flatnonzero(active[sc.fit_rows] & (colour[sc.fit_rows] == c))
-                if local.size == 0:
-                    continue
-                renderer = _renderer(lay_s, lay_g, sc.size)
-                rows = sc.fit_rows[local]
-                bg = sc.background(xs, xg, p_star, renderer)
-                rs = _fit_type(lay_s, sc, xs[rows], bg, prior_s, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                               vector_width=vector_width, progress=report("star"), subset=local, threads=threads)
-                rg = _fit_type(lay_g, sc, xg[rows], bg, prior_g, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                               vector_width=vector_width, progress=report("galaxy"), subset=local, threads=threads)
-                res_s.store(rows, rs)
-                res_g.store(rows, rg)
-                for k, row in enumerate(rows):
-                    lz_s, _ = _laplace(lay_s, rs[0][k], rs[1][k], rs[2][k])
-                    lz_g, _ = _laplace(lay_g, rg[0][k], rg[1][k], rg[2][k])
-                    log_odds[row] = lz_s - lz_g + np.log(p_prior / (1 - p_prior))
-                p_new = _sigmoid(log_odds[rows])
-                for res, x, lay, weight in ((res_s, xs, lay_s, p_new), (res_g, xg, lay_g, 1.0 - p_new)):
-                    moved[rows] += weight * _change_in_sd(lay, x[rows], res.x[rows], res.hess[rows])
-                    x[rows] = res.x[rows]
-                p_star[rows] = p_new
-        # A source is refitted while it or a source whose light reaches its patches still moves.
-        still = moved > pass_tol_sd
-        active = fitted & (still | (partners @ still.astype(float) > 0))
-        if not active.any():
-            break
-    chi2 = np.ones(n_rows)
-    n_images = np.zeros(n_rows, int)
-    overlaps = []
-    for sc in scenes:
-        renderer = _renderer(lay_s, lay_g, sc.size)
-        chi2[sc.fit_rows] = sc.mismatch_chi2(xs, xg, p_star, renderer)
-        n_images[sc.fit_rows] = sc.n_images
-        if passes > 1:
-            overlaps.append(sc.blend_information(xs, xg, p_star, renderer))
-    blend = blend_inflation(n_rows, overlaps)  # (rows, [flux, east, north])
-    temper = np.maximum(chi2, 1.0)
-    p_final = P_STAR_FLOOR + (1 - 2 * P_STAR_FLOOR) * _sigmoid(log_odds / temper)
-    n = n_fit
-    return _assemble(sources, bands, lay_s, lay_g, res_s.head(n), res_g.head(n), p_final[:n], p_prior,
-                     n_images[:n], region, chi2[:n], np.maximum(res_s.iterations, res_g.iterations)[:n], blend[:n])
+
+class _RegionFit:
+    """The state of one region's fit: the table of sources (fitted, halo, fixed ring), their
+    per-type parameter vectors and results, type log-odds, and the scenes (one per patch size)."""
+
+    def __init__(self, table, images, bands, lay_s, lay_g, prior_s, prior_g, p_prior, *, patch_px, max_images, fit_kw):
+        self.images, self.bands, self.lay_s, self.lay_g = images, bands, lay_s, lay_g
+        self.prior_s, self.prior_g, self.p_prior = prior_s, prior_g, p_prior
+        self.patch_px, self.max_images, self.fit_kw = patch_px, max_images, fit_kw
+        ref = reference_band_index(bands)
+        self.xs, self.xg, self.p_star = _initial_vectors(table, bands, ref, lay_s, lay_g, prior_s, prior_g)
+        n = len(table)
+        self.res_s, self.res_g = _Results(n, lay_s.size), _Results(n, lay_g.size)
+        self.log_odds = np.zeros(n)
+        self._set_table(table)
+
+    def _set_table(self, table) -> None:
+        self.table = table
+        self.fitted = table["_fit"].to_numpy(bool)
+        self.is_new = table["_new"].to_numpy(bool)
+        # One scene per patch size: each fits its own sources, all see every source's current light.
+        self.sizes = patch_sizes_px(self.images, table, self.patch_px)
+        self.scenes = [_Scene(table.assign(_fit=self.fitted & (self.sizes == size)), self.images, self.bands,
+                              int(size), self.max_images) for size in np.unique(self.sizes[self.fitted])]
+        self.partners = _partners(len(table), self.scenes)
+        # Gauss-Seidel over colours of the blend graph: sources of one colour never share light, so
+        # they are fitted together, and each colour sees the ones fitted before it in the pass
+        # (twice Jacobi's convergence rate on a pair).
+        self.colour = _colours(self.partners, table["dec"].to_numpy(float), table["ra"].to_numpy(float), self.fitted)
+        self.blended = any(sc.n_pairs for sc in self.scenes)
+
+    def run_passes(self, active, n_passes: int, pass_tol_sd: float, progress) -> None:
+        """Block-coordinate passes over the ``active`` rows until no estimate moves by more than
+        ``pass_tol_sd`` (one pass where no source shares light with another)."""
+        passes = n_passes if self.blended else 1
+        self.multi_pass = passes > 1
+        lay_s, lay_g, xs, xg, p_star = self.lay_s, self.lay_g, self.xs, self.xg, self.p_star
+        n_rows = len(self.table)
+        for n_pass in range(1, passes + 1):
+            moved = np.zeros(n_rows)
+            for c in range(int(self.colour.max()) + 1 if self.fitted.any() else 0):
+                for sc in self.scenes:
+                    def report(kind, size=sc.size, n_pass=n_pass):
+                        if progress is None:
+                            return None
+                        return lambda done, total: progress(f"pass {n_pass}/{passes}, {kind} model ({size} px "
+                                                            f"patches): {done}/{total} sources")
+
+                    local = np.flatnonzero(active[sc.fit_rows] & (self.colour[sc.fit_rows] == c))
+                    if local.size == 0:
+                        continue
+                    renderer = _renderer(lay_s, lay_g, sc.size)
+                    rows = sc.fit_rows[local]
+                    bg = sc.background(xs, xg, p_star, renderer)
+                    rs = _fit_type(lay_s, sc, xs[rows], bg, self.prior_s, progress=report("star"), subset=local,
+                                   **self.fit_kw)
+                    rg = _fit_type(lay_g, sc, xg[rows], bg, self.prior_g, progress=report("galaxy"), subset=local,
+                                   **self.fit_kw)
+                    self.res_s.store(rows, rs)
+                    self.res_g.store(rows, rg)
+                    for k, row in enumerate(rows):
+                        lz_s, _ = _laplace(lay_s, rs[0][k], rs[1][k], rs[2][k])
+                        lz_g, _ = _laplace(lay_g, rg[0][k], rg[1][k], rg[2][k])
+                        self.log_odds[row] = lz_s - lz_g + np.log(self.p_prior / (1 - self.p_prior))
+                    p_new = _sigmoid(self.log_odds[rows])
+                    for res, x, lay, weight in ((self.res_s, xs, lay_s, p_new), (self.res_g, xg, lay_g, 1.0 - p_new)):
+                        moved[rows] += weight * _change_in_sd(lay, x[rows], res.x[rows], res.hess[rows])
+                        x[rows] = res.x[rows]
+                    p_star[rows] = p_new
+            # A source is refitted while it or a source whose light reaches its patches still moves.
+            still = moved > pass_tol_sd
+            active = self.fitted & (still | (self.partners @ still.astype(float) > 0))
+            if not active.any():
+                break
+
+    def residual_sources(self, n_src: int, n_halo: int, margin_arcsec: float, trials_factor: float = 1.0
+                         ) -> pd.DataFrame:
+        """Candidates found in the residuals of the fit so far (``detect.residual_candidates``) on
+        cutouts of the images around the fitted sources, each with its ``_owner``: "member" where
+        the nearest source of the input table is the region's own, "halo" where it is a halo
+        source (another region reports it; this one fits it as a neighbour). Peaks nearest the
+        fixed ring, farther than ``margin_arcsec`` from the nearest input source (the cutouts'
+        corners hold sources of other regions that are not in the model), or within
+        ``RESIDUAL_MIN_SEPARATION_FWHM`` of a source are left out, and so are peaks with a twin at
+        their reflection through the nearest brighter source (``detect.residual_candidates``)."""
+        from .detect import candidate_columns, residual_candidates
+
+        table = self.table
+        cutouts = []
+        ra, dec = table["ra"].to_numpy(float), table["dec"].to_numpy(float)
+        fitted = self.fitted
+        for im in self.images:
+            xy, _ = sky_to_pixel_jacobian(im.wcs, ra[fitted], dec[fitted], shape_yx=im.shape)
+            ok = np.all(np.isfinite(xy), axis=1)
+            if not ok.any():
+                continue
+            reach = int(np.ceil(max(self.sizes[fitted]))) + 1
+            ny, nx = im.shape
+            x0, y0 = (max(int(np.floor(v.min())) - reach, 0) for v in (xy[ok, 0], xy[ok, 1]))
+            x1 = min(int(np.ceil(xy[ok, 0].max())) + reach + 1, nx)
+            y1 = min(int(np.ceil(xy[ok, 1].max())) + reach + 1, ny)
+            if x1 - x0 < 8 or y1 - y0 < 8:
+                continue
+            cutouts.append(im.cutout(x0, x1, y0, y1))
+        if not cutouts:
+            return pd.DataFrame(columns=list(candidate_columns(self.bands)) + ["_owner"])
+        # Rendered on squares twice the fitted side: a model cut at the patch leaves its wings.
+        big = np.array(PATCH_SIZES_PX)[np.minimum(np.searchsorted(PATCH_SIZES_PX, 2 * self.sizes),
+                                                  len(PATCH_SIZES_PX) - 1)]
+        models = model_images(table, self.xs, self.xg, self.p_star, cutouts, self.lay_s, self.lay_g, big)
+        min_images = 3 if len(self.images) >= 3 else 1
+        new, _ = residual_candidates(cutouts, models, min_images=min_images, trials_factor=trials_factor,
+                                     parents=self._brighter_neighbour)
+        if not len(new):
+            return new.assign(_owner=pd.Series(dtype=str))
+        # Ownership by the input table's positions, which every region holding the source shares.
+        from scipy.spatial import cKDTree
+
+        from ..core.bisection import unit_vectors
+
+        tree = cKDTree(unit_vectors(ra, dec))
+        reach = 2.0 * np.sin(np.radians(margin_arcsec / 3600.0) / 2.0)
+        gap, nearest = tree.query(unit_vectors(new["ra"].to_numpy(float), new["dec"].to_numpy(float)))
+        owner = np.where(nearest < n_src, "member", np.where(nearest < n_src + n_halo, "halo", "ring"))
+        fwhm_arcsec = float(np.median([2.0 * im.psf_r50_px() * float(np.mean(proj_plane_pixel_scales(im.wcs))) * 3600.0
+                                       for im in self.images]))
+        now_ra, now_dec, _ = self._positions_and_fluxes()
+        chord = 2.0 * np.sin(np.radians(RESIDUAL_MIN_SEPARATION_FWHM * fwhm_arcsec / 3600.0) / 2.0)
+        close, _ = cKDTree(unit_vectors(now_ra, now_dec)).query(
+            unit_vectors(new["ra"].to_numpy(float), new["dec"].to_numpy(float)), distance_upper_bound=chord)
+        keep = (owner != "ring") & (gap <= reach) & ~np.isfinite(close)
+        return new[keep].assign(_owner=owner[keep]).reset_index(drop=True)
+
+    def _positions_and_fluxes(self):
+        """Current (ra, dec) (deg) and reference-band flux (nmgy) of every row (type mixture)."""
+        ra, dec = self.table["ra"].to_numpy(float), self.table["dec"].to_numpy(float)
+        p = self.p_star
+        east = p * self.xs[:, 0] + (1 - p) * self.xg[:, 0]
+        north = p * self.xs[:, 1] + (1 - p) * self.xg[:, 1]
+        flux = p * np.exp(self.xs[:, self.lay_s.mu_ref]) + (1 - p) * np.exp(self.xg[:, self.lay_g.mu_ref])
+        now_dec = dec + north / 3600.0
+        return (ra + east / 3600.0 / np.cos(np.radians(dec))) % 360.0, now_dec, flux
+
+    def _brighter_index(self, ra_deg, dec_deg, flux_nmgy) -> np.ndarray:
+        """Per point, the row of the nearest source brighter than ``flux_nmgy`` (reference band)
+        within a patch's reach (``PAIR_REACH_PX`` beyond the largest patch); -1 where none."""
+        from scipy.spatial import cKDTree
+
+        from ..core.bisection import unit_vectors
+
+        ra, dec, flux = self._positions_and_fluxes()
+        out = np.full(len(ra_deg), -1)
+        scale = min(float(np.mean(proj_plane_pixel_scales(im.wcs))) * 3600.0 for im in self.images)
+        reach = 2.0 * np.sin(np.radians((max(self.sizes) + PAIR_REACH_PX) * scale / 3600.0) / 2.0)
+        pts = unit_vectors(np.asarray(ra_deg, float), np.asarray(dec_deg, float))
+        rows = unit_vectors(ra, dec)
+        for k, near in enumerate(cKDTree(rows).query_ball_point(pts, reach)):
+            near = [j for j in near if flux[j] > np.nan_to_num(flux_nmgy[k], nan=0.0)]
+            if near:
+                out[k] = near[int(np.argmin(np.sum((rows[near] - pts[k]) ** 2, axis=1)))]
+        return out
+
+    def _ref_flux(self, table: pd.DataFrame) -> np.ndarray:
+        return table[f"flux_{self.bands[reference_band_index(self.bands)]}_nmgy"].to_numpy(float)
+
+    def _brighter_neighbour(self, peaks: pd.DataFrame):
+        """Per residual peak, the centre of the nearest brighter source (``_brighter_index``);
+        NaN where none."""
+        ra, dec, _ = self._positions_and_fluxes()
+        j = self._brighter_index(peaks["ra"].to_numpy(float), peaks["dec"].to_numpy(float), self._ref_flux(peaks))
+        return np.where(j >= 0, ra[j], np.nan), np.where(j >= 0, dec[j], np.nan)
+
+    def extend(self, parts, old_rows) -> None:
+        """Rebuild the table from ``parts`` (data frames; ``old_rows[k]`` the rows of the present
+        table each holds, None for new sources), keeping the fitted state of the old rows."""
+        table = pd.concat(parts, ignore_index=True)
+        ref = reference_band_index(self.bands)
+        xs, xg, p = _initial_vectors(table, self.bands, ref, self.lay_s, self.lay_g, self.prior_s, self.prior_g)
+        res_s, res_g = _Results(len(table), self.lay_s.size), _Results(len(table), self.lay_g.size)
+        log_odds = np.zeros(len(table))
+        at = 0
+        for part, old in zip(parts, old_rows):
+            new_rows = np.arange(at, at + len(part))
+            at += len(part)
+            if old is None or not len(part):
+                continue
+            xs[new_rows], xg[new_rows], p[new_rows] = self.xs[old], self.xg[old], self.p_star[old]
+            log_odds[new_rows] = self.log_odds[old]
+            for mine, theirs in ((res_s, self.res_s), (res_g, self.res_g)):
+                mine.x[new_rows], mine.elbo[new_rows] = theirs.x[old], theirs.elbo[old]
+                mine.hess[new_rows] = theirs.hess[old]
+                mine.iterations[new_rows], mine.converged[new_rows] = theirs.iterations[old], theirs.converged[old]
+        self.xs, self.xg, self.p_star, self.res_s, self.res_g, self.log_odds = xs, xg, p, res_s, res_g, log_odds
+        self._set_table(table)
+
+    def catalog(self, sources, n: int, region: int) -> pd.DataFrame:
+        """The output table of the first ``n`` rows (the region's sources)."""
+        n_rows = len(self.table)
+        chi2 = np.ones(n_rows)
+        n_images = np.zeros(n_rows, int)
+        overlaps = []
+        for sc in self.scenes:
+            renderer = _renderer(self.lay_s, self.lay_g, sc.size)
+            chi2[sc.fit_rows] = sc.mismatch_chi2(self.xs, self.xg, self.p_star, renderer)
+            n_images[sc.fit_rows] = sc.n_images
+            if self.multi_pass:
+                overlaps.append(sc.blend_information(self.xs, self.xg, self.p_star, renderer))
+        blend = blend_inflation(n_rows, overlaps)  # (rows, [flux, east, north])
+        temper = np.maximum(chi2, 1.0)
+        p_final = P_STAR_FLOOR + (1 - 2 * P_STAR_FLOOR) * _sigmoid(self.log_odds / temper)
+        res_s, res_g = self.res_s, self.res_g
+        out = _assemble(sources, self.bands, self.lay_s, self.lay_g, res_s.head(n), res_g.head(n), p_final[:n],
+                        self.p_prior, n_images[:n], region, chi2[:n],
+                        np.maximum(res_s.iterations, res_g.iterations)[:n], blend[:n])
+        out["found_in_residuals"] = self.is_new[:n]
+        return out
+
+
+def model_images(table: pd.DataFrame, xs, xg, p_star, images: list[ImageData], lay_s: E.Layout, lay_g: E.Layout,
+                 sizes_px) -> list[np.ndarray]:
+    """Per image, the expected counts (ADU, sky excluded) of every source of ``table`` (the type
+    mixture at parameters ``xs``, ``xg``, ``p_star``), each rendered on a square of side
+    ``sizes_px`` (one of ``PATCH_SIZES_PX``) around it, clipped to the image; one compiled call
+    per side for all images."""
+    bands = sort_bands(im.band for im in images)
+    band_index = {b: i for i, b in enumerate(bands)}
+    ra, dec = table["ra"].to_numpy(float), table["dec"].to_numpy(float)
+    sizes_px = np.asarray(sizes_px, int)
+    k = max(im.psf_at(*((np.array(im.shape[::-1]) - 1) / 2)).n_components for im in images)
+    out = [np.zeros(im.shape) for im in images]
+    pairs = {int(size): [] for size in np.unique(sizes_px)}   # per side: (image, row, x, y, jac)
+    for n, im in enumerate(images):
+        ny, nx = im.shape
+        xy, jac = sky_to_pixel_jacobian(im.wcs, ra, dec, shape_yx=im.shape)
+        half = sizes_px // 2
+        near = np.flatnonzero((xy[:, 0] > -half) & (xy[:, 0] < nx - 1 + half) & (xy[:, 1] > -half)
+                              & (xy[:, 1] < ny - 1 + half))
+        for r in near:
+            pairs[int(sizes_px[r])].append((n, r, xy[r], jac[r]))
+    for size, todo in pairs.items():
+        for start in range(0, len(todo), RENDER_CHUNK):
+            _paste(out, images, todo[start:start + RENDER_CHUNK], size, k, band_index, xs, xg, p_star, lay_s, lay_g)
+    return out
+
+
+#: (source, image) pairs rendered per compiled call of ``model_images`` (a fixed shape, padded).
+RENDER_CHUNK = 512
+
+
+def _paste(out, images, todo, size, k, band_index, xs, xg, p_star, lay_s, lay_g) -> None:
+    """Render the (image, row, xy, jac) pairs ``todo`` on squares of side ``size`` and add them
+    to the images' arrays ``out``."""
+    m = len(todo)
+    m_pad = RENDER_CHUNK if m > RENDER_CHUNK // 4 else int(2 ** np.ceil(np.log2(max(m, 16))))
+    geom = dict(origin=np.zeros((m_pad, 2)), jac=np.broadcast_to(np.eye(2), (m_pad, 2, 2)).copy(),
+                psf_amp=np.zeros((m_pad, k)), psf_mean=np.zeros((m_pad, k, 2)),
+                psf_cov=np.broadcast_to(np.eye(2), (m_pad, k, 2, 2)).copy(), counts_per_nmgy=np.zeros(m_pad))
+    band = np.zeros(m_pad, np.int32)
+    rows = np.zeros(m_pad, int)
+    corner = np.zeros((m, 2), int)
+    for q, (n, r, xy, jac) in enumerate(todo):
+        im = images[n]
+        mix = im.psf_at(*xy).padded(k)
+        corner[q] = np.floor(xy + 0.5).astype(int) - size // 2
+        geom["origin"][q], geom["jac"][q] = corner[q] - xy, jac
+        geom["psf_amp"][q], geom["psf_mean"][q], geom["psf_cov"][q] = mix.amp, mix.mean_px, mix.cov_px2
+        geom["counts_per_nmgy"][q], band[q], rows[q] = im.counts_per_nmgy, band_index[im.band], r
+    counts = np.asarray(_renderer(lay_s, lay_g, size)(
+        jnp.asarray(xs[rows]), jnp.asarray(xg[rows]), jnp.asarray(p_star[rows]),
+        {key: jnp.asarray(v) for key, v in geom.items()}, jnp.asarray(band)))[:m]
+    for (n, _, _, _), (x0, y0), patch in zip(todo, corner, counts):
+        ny, nx = images[n].shape
+        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + size, nx), min(y0 + size, ny)
+        if xa < xb and ya < yb:
+            out[n][ya:yb, xa:xb] += patch[ya - y0:yb - y0, xa - x0:xb - x0]
 
 
 def _partners(n_rows: int, scenes: list):
@@ -823,8 +1073,9 @@ def output_columns(bands) -> list[str]:
     for c in color_names(bands):
         cols += [f"color_{c}", f"color_{c}_sd"]
     return cols + ["gal_frac_dev", "gal_axis_ratio", "gal_angle_deg", "gal_radius_arcsec", "n_images",
-                   "converged", "iterations", "elbo", "fit_chi2", "region"]
+                   "converged", "iterations", "elbo", "fit_chi2", "region", "found_in_residuals"]
 
 
 def empty_catalog(bands) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=float) for c in output_columns(bands)})
+    return pd.DataFrame({c: pd.Series(dtype=bool if c == "found_in_residuals" else float)
+                         for c in output_columns(bands)})

@@ -163,9 +163,10 @@ def fit_all_regions(candidates: pd.DataFrame, images: list[ImageData], *, max_so
     workflow's ``fit_region`` jobs do; the regions' tables joined."""
     regions, plan = plan_regions(candidates.reset_index(drop=True), max_sources_per_region)
     parts = []
+    fit_kw.setdefault("residual_trials_factor", plan["n_regions"])
     for r in range(plan["n_regions"]):
         mine, halo, ring = region_inputs(regions, r, margin_arcsec)
-        parts.append(fit_region(mine, ring, images, priors, region=r, halo=halo, **fit_kw))
+        parts.append(fit_region(mine, ring, images, priors, region=r, halo=halo, margin_arcsec=margin_arcsec, **fit_kw))
     return pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
 
 
@@ -225,12 +226,15 @@ def plan_regions_stage(candidates_path, regions_out, plan_out, *, max_sources_pe
 
 def fit_region_stage(regions_path, images_path, region: int, catalog_out, *, margin_arcsec: float, patch_px: int,
                      tol: float, max_iter: int, max_images: int, log: logging.Logger,
-                     threads: int | None = None) -> pd.DataFrame:
+                     threads: int | None = None, detect_residuals: bool = True) -> pd.DataFrame:
     """``fit_region``: every source of one region fitted jointly to every overlapping science
     image, together with its halo of neighbours from other regions (the ring beyond held fixed).
     A region without sources (a survey without science images, a field without detections)
-    gives an empty table. ``threads``: batches fitted side by side on a CPU (the rule's threads)."""
-    sources, halo, ring = region_inputs(pd.read_parquet(regions_path), region, margin_arcsec)
+    gives an empty table. ``threads``: batches fitted side by side on a CPU (the rule's threads);
+    ``detect_residuals``: search the fit's residuals for sources the detection missed."""
+    all_regions = pd.read_parquet(regions_path)
+    n_regions = int(all_regions["region"].max()) + 1 if len(all_regions) and "region" in all_regions else 1
+    sources, halo, ring = region_inputs(all_regions, region, margin_arcsec)
     if len(sources) == 0:
         log.info("region %d: no sources; empty table", region)
         catalog = fit_region(sources, None, [])
@@ -246,12 +250,15 @@ def fit_region_stage(regions_path, images_path, region: int, catalog_out, *, mar
     images = [load_image(row) for _, row in rows.iterrows()]
     t0 = time.time()
     catalog = fit_region(sources, ring, images, tol=tol, max_iter=max_iter, patch_px=patch_px,
-                         max_images=max_images, region=region, progress=log.info, halo=halo, threads=threads)
+                         max_images=max_images, region=region, progress=log.info, halo=halo, threads=threads,
+                         detect_residuals=detect_residuals, residual_trials_factor=n_regions,
+                         margin_arcsec=margin_arcsec)
     seconds = max(time.time() - t0, 1e-9)
-    log.info("fitted %d sources (+%d halo) in %.1f s (%.1f sources/s); %d not converged (flagged, kept); "
-             "%d with residuals above the noise (fit_chi2 > 1.5: sds inflated, types tempered)", len(catalog),
-             len(halo), seconds, (len(catalog) + len(halo)) / seconds,
-             int((~catalog["converged"].astype(bool)).sum()), int((catalog["fit_chi2"] > 1.5).sum()))
+    log.info("fitted %d sources (%d found in the residuals; +%d halo) in %.1f s (%.1f sources/s); %d not converged "
+             "(flagged, kept); %d with residuals above the noise (fit_chi2 > 1.5: sds inflated, types tempered)",
+             len(catalog), int(catalog["found_in_residuals"].sum()), len(halo), seconds,
+             (len(catalog) + len(halo)) / seconds, int((~catalog["converged"].astype(bool)).sum()),
+             int((catalog["fit_chi2"] > 1.5).sum()))
     write_parquet(catalog, catalog_out)
     return catalog
 
