@@ -883,7 +883,7 @@ def model_images(table: pd.DataFrame, xs, xg, p_star, images: list[ImageData], l
     sizes_px = np.asarray(sizes_px, int)
     k = max(im.psf_at(*((np.array(im.shape[::-1]) - 1) / 2)).n_components for im in images)
     out = [np.zeros(im.shape) for im in images]
-    pairs = {int(size): [] for size in np.unique(sizes_px)}   # per side: (image, row, x, y, jac)
+    pairs = {int(size): [] for size in np.unique(sizes_px)}   # per side: (image, row, xy, jac)
     for n, im in enumerate(images):
         ny, nx = im.shape
         xy, jac = sky_to_pixel_jacobian(im.wcs, ra, dec, shape_yx=im.shape)
