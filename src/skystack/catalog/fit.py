@@ -771,19 +771,18 @@ class _RegionFit:
         # Ownership by the input table's positions, which every region holding the source shares.
         from scipy.spatial import cKDTree
 
-        from ..core.bisection import unit_vectors
+        from ..core.bisection import chord, unit_vectors
 
         tree = cKDTree(unit_vectors(ra, dec))
-        reach = 2.0 * np.sin(np.radians(margin_arcsec / 3600.0) / 2.0)
         gap, nearest = tree.query(unit_vectors(new["ra"].to_numpy(float), new["dec"].to_numpy(float)))
         owner = np.where(nearest < n_src, "member", np.where(nearest < n_src + n_halo, "halo", "ring"))
         fwhm_arcsec = float(np.median([2.0 * im.psf_r50_px() * float(np.mean(proj_plane_pixel_scales(im.wcs))) * 3600.0
                                        for im in self.images]))
         now_ra, now_dec, _ = self._positions_and_fluxes()
-        chord = 2.0 * np.sin(np.radians(RESIDUAL_MIN_SEPARATION_FWHM * fwhm_arcsec / 3600.0) / 2.0)
         close, _ = cKDTree(unit_vectors(now_ra, now_dec)).query(
-            unit_vectors(new["ra"].to_numpy(float), new["dec"].to_numpy(float)), distance_upper_bound=chord)
-        keep = (owner != "ring") & (gap <= reach) & ~np.isfinite(close)
+            unit_vectors(new["ra"].to_numpy(float), new["dec"].to_numpy(float)),
+            distance_upper_bound=chord(RESIDUAL_MIN_SEPARATION_FWHM * fwhm_arcsec))
+        keep = (owner != "ring") & (gap <= chord(margin_arcsec)) & ~np.isfinite(close)
         return new[keep].assign(_owner=owner[keep]).reset_index(drop=True)
 
     def _positions_and_fluxes(self):
@@ -796,34 +795,26 @@ class _RegionFit:
         now_dec = dec + north / 3600.0
         return (ra + east / 3600.0 / np.cos(np.radians(dec))) % 360.0, now_dec, flux
 
-    def _brighter_index(self, ra_deg, dec_deg, flux_nmgy) -> np.ndarray:
-        """Per point, the row of the nearest source brighter than ``flux_nmgy`` (reference band)
-        within a patch's reach (``PAIR_REACH_PX`` beyond the largest patch); -1 where none."""
+    def _brighter_neighbour(self, peaks: pd.DataFrame):
+        """Per residual peak, the centre (ra, dec) of the nearest source brighter than it in the
+        reference band within a patch's reach (``PAIR_REACH_PX`` beyond the largest patch); NaN
+        where none."""
         from scipy.spatial import cKDTree
 
-        from ..core.bisection import unit_vectors
+        from ..core.bisection import chord, unit_vectors
 
         ra, dec, flux = self._positions_and_fluxes()
-        out = np.full(len(ra_deg), -1)
+        peak_flux = np.nan_to_num(peaks[f"flux_{self.bands[reference_band_index(self.bands)]}_nmgy"].to_numpy(float))
+        out_ra, out_dec = np.full(len(peaks), np.nan), np.full(len(peaks), np.nan)
         scale = min(float(np.mean(proj_plane_pixel_scales(im.wcs))) * 3600.0 for im in self.images)
-        reach = 2.0 * np.sin(np.radians((max(self.sizes) + PAIR_REACH_PX) * scale / 3600.0) / 2.0)
-        pts = unit_vectors(np.asarray(ra_deg, float), np.asarray(dec_deg, float))
+        pts = unit_vectors(peaks["ra"].to_numpy(float), peaks["dec"].to_numpy(float))
         rows = unit_vectors(ra, dec)
-        for k, near in enumerate(cKDTree(rows).query_ball_point(pts, reach)):
-            near = [j for j in near if flux[j] > np.nan_to_num(flux_nmgy[k], nan=0.0)]
+        for k, near in enumerate(cKDTree(rows).query_ball_point(pts, chord((max(self.sizes) + PAIR_REACH_PX) * scale))):
+            near = [j for j in near if flux[j] > peak_flux[k]]
             if near:
-                out[k] = near[int(np.argmin(np.sum((rows[near] - pts[k]) ** 2, axis=1)))]
-        return out
-
-    def _ref_flux(self, table: pd.DataFrame) -> np.ndarray:
-        return table[f"flux_{self.bands[reference_band_index(self.bands)]}_nmgy"].to_numpy(float)
-
-    def _brighter_neighbour(self, peaks: pd.DataFrame):
-        """Per residual peak, the centre of the nearest brighter source (``_brighter_index``);
-        NaN where none."""
-        ra, dec, _ = self._positions_and_fluxes()
-        j = self._brighter_index(peaks["ra"].to_numpy(float), peaks["dec"].to_numpy(float), self._ref_flux(peaks))
-        return np.where(j >= 0, ra[j], np.nan), np.where(j >= 0, dec[j], np.nan)
+                j = near[int(np.argmin(np.sum((rows[near] - pts[k]) ** 2, axis=1)))]
+                out_ra[k], out_dec[k] = ra[j], dec[j]
+        return out_ra, out_dec
 
     def extend(self, parts, old_rows) -> None:
         """Rebuild the table from ``parts`` (data frames; ``old_rows[k]`` the rows of the present

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from ..core.bisection import balanced_bisection, unit_vectors
+from ..core.bisection import balanced_bisection, chord, unit_vectors
 
 
 def make_regions(candidates: pd.DataFrame, n_regions: int | None = None,
@@ -49,8 +49,7 @@ def region_neighbours(candidates: pd.DataFrame, regions: np.ndarray, region: int
     if not mine.any() or mine.all():
         return candidates.iloc[:0]
     xyz = unit_vectors(candidates["ra"].to_numpy(float), candidates["dec"].to_numpy(float))
-    chord = 2.0 * np.sin(np.radians(margin_arcsec / 3600.0) / 2.0)  # exact on the sphere, any Dec
     tree = cKDTree(xyz[mine])
-    dist, _ = tree.query(xyz[~mine], k=1, distance_upper_bound=chord)
+    dist, _ = tree.query(xyz[~mine], k=1, distance_upper_bound=chord(margin_arcsec))
     others = np.flatnonzero(~mine)[np.isfinite(dist)]
     return candidates.iloc[others]

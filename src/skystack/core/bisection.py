@@ -16,6 +16,11 @@ def unit_vectors(ra_deg, dec_deg) -> np.ndarray:
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
 
 
+def chord(separation_arcsec) -> np.ndarray:
+    """Distance between unit vectors ``separation_arcsec`` apart on the sphere (exact, any Dec)."""
+    return 2.0 * np.sin(np.radians(np.asarray(separation_arcsec, np.float64) / 3600.0) / 2.0)
+
+
 def balanced_bisection(ra_deg, dec_deg, n_parts: int, tie_key=None) -> np.ndarray:
     """Part number (0 .. n_parts-1) of every point.
 
