@@ -13,6 +13,7 @@ from skystack.core.config import load_config
 from skystack.orbits.covering import REGION_ELEMENTS, covering_loss, sample_region
 from skystack.orbits.ellipsoid import sample_ellipsoid
 from skystack.orbits.region import region_exposures, region_trials
+from skystack.search.intersect import intersect
 
 KNOWN = REPO / "resources" / "known_objects.csv"
 TINY_REGION = load_config(REPO / "config" / "experiments" / "tiny.yaml")["orbits"]["regions"][0]
@@ -26,16 +27,27 @@ def tiny_search(tiny_run):
     return images[images["is_difference"]], plan, pd.read_parquet(res / "search" / "orbits_listed.parquet")
 
 
+def _on_exposures(samples: pd.DataFrame, images: pd.DataFrame, min_exposures: int) -> pd.DataFrame:
+    """The samples whose tracks fall on at least ``min_exposures`` exposures' images, by the
+    search's own intersection code on the images' WCS (not the covering's rectangles)."""
+    hits = intersect(samples, images).merge(images[["image_id", "exposure_id"]], on="image_id")
+    n_exp = hits.groupby("orbit_id")["exposure_id"].nunique()
+    return samples[samples["orbit_id"].isin(n_exp.index[n_exp >= min_exposures])]
+
+
 def test_the_workflows_covering_keeps_its_promise(tiny_search):
-    """Orbits drawn uniformly from the box lose at most search.max_snr_loss (0.2) of their SNR
-    against the best trial the plan listed, with the exact tracks (no metric, no linearisation)
-    on the exposures the region reaches, at the indexed PSF widths."""
+    """Orbits drawn uniformly from the box whose tracks fall on at least search.min_images (5)
+    exposures lose at most search.max_snr_loss (0.2) of their SNR against the best trial the
+    plan listed, with the exact tracks (no metric, no linearisation) on the exposures the region
+    reaches, at the indexed PSF widths."""
     images, plan, listed = tiny_search
     (summary,) = plan["regions"]
     assert summary["n_trials"] == len(listed) and summary["max_snr_loss"] == 0.2
+    assert summary["min_exposures"] == 5
     exposures = region_exposures(images, summary["reference"], summary["half_width"])
     assert len(exposures) == summary["n_exposures"]
-    samples = sample_region(summary["reference"], summary["half_width"], 300, seed=11)
+    samples = _on_exposures(sample_region(summary["reference"], summary["half_width"], 400, seed=11), images, 5)
+    assert len(samples) >= 300
     site = {"lat_deg": exposures["site_lat_deg"].to_numpy(), "lon_deg": exposures["site_lon_deg"].to_numpy(),
             "height_m": exposures["site_height_m"].to_numpy()}
     loss = covering_loss(listed, samples, exposures["jd_tdb"].to_numpy(), site,
@@ -58,15 +70,40 @@ def test_a_covariance_region_is_covered_with_fewer_trials(tiny_search):
     corr[2, 3] = corr[3, 2] = 0.9
     cov = np.diag(sd) @ corr @ np.diag(sd)
     spec = {"name": "fit", "reference": TINY_REGION["reference"], "covariance": cov.tolist(), "n_sigma": 3}
-    trials, (summary,) = region_trials([spec], images, KNOWN, max_snr_loss=0.2, max_trials=10**6)
+    trials, (summary,) = region_trials([spec], images, KNOWN, max_snr_loss=0.2, max_trials=10**6, min_exposures=5)
     assert summary["n_box_trials"] == len(box_trials) and len(trials) < 0.5 * len(box_trials)
     exposures = region_exposures(images, summary["reference"], summary["half_width"])
     site = {"lat_deg": exposures["site_lat_deg"].to_numpy(), "lon_deg": exposures["site_lon_deg"].to_numpy(),
             "height_m": exposures["site_height_m"].to_numpy()}
-    samples = sample_ellipsoid(summary["reference"], cov, 3.0, 300, seed=5)
+    samples = _on_exposures(sample_ellipsoid(summary["reference"], cov, 3.0, 300, seed=5), images, 5)
+    assert len(samples) >= 200
     args = (exposures["jd_tdb"].to_numpy(), site, exposures["loss_sigma_arcsec"].to_numpy())
     assert covering_loss(trials, samples, *args).max() <= 0.2
     assert covering_loss(trials.iloc[::10], samples, *args).max() > 0.2
+
+
+def test_a_region_wider_than_the_fields_is_covered_where_its_orbits_reach_the_images(tiny_search):
+    """A box 8 times the tiny one in a, i, node and mean anomaly is mostly orbits that miss the
+    survey's 3.2 arcmin fields or cross them on a few exposures. Pruned to the fields
+    (``footprint``), the covering keeps a small part of its lattice, and orbits drawn from the box
+    whose tracks fall on at least 5 exposures (the search's own intersection code) still lose at
+    most the promised 0.5 against the trials kept (a quarter of them does not hold it)."""
+    images, _, _ = tiny_search
+    hw = {k: v * (8 if k in ("a_au", "inc_deg", "node_deg", "mean_anomaly_deg") else 1)
+          for k, v in TINY_REGION["half_width"].items()}
+    wide = {"name": "wide", "reference": TINY_REGION["reference"], "half_width": hw}
+    trials, (summary,) = region_trials([wide], images, KNOWN, max_snr_loss=0.5, max_trials=10**6, min_exposures=5)
+    assert len(trials) < 0.5 * summary["n_lattice_points"], (len(trials), summary["n_lattice_points"])
+    drawn = sample_region(summary["reference"], hw, 3000, seed=21)
+    samples = _on_exposures(drawn, images, 5)
+    assert 150 <= len(samples) <= 0.6 * len(drawn), len(samples)
+    exposures = region_exposures(images, summary["reference"], hw)
+    site = {"lat_deg": exposures["site_lat_deg"].to_numpy(), "lon_deg": exposures["site_lon_deg"].to_numpy(),
+            "height_m": exposures["site_height_m"].to_numpy()}
+    args = (exposures["jd_tdb"].to_numpy(), site, exposures["loss_sigma_arcsec"].to_numpy())
+    loss = covering_loss(trials, samples.iloc[:300], *args)
+    assert loss.max() <= 0.5, np.sort(loss)[-5:]
+    assert covering_loss(trials.iloc[::4], samples.iloc[:300], *args).max() > 0.5
 
 
 def test_a_region_needing_too_many_trials_is_refused_with_the_number_and_time(tiny_search):

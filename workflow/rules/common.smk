@@ -327,7 +327,13 @@ def region_search_settings():
     """
     settings = {}
     if config["orbits"]["source"] == "region":
-        keys = ("images", "max_snr_loss", "max_trials", "smoothing_sigma_px")
+        keys = (
+            "images",
+            "max_snr_loss",
+            "max_trials",
+            "smoothing_sigma_px",
+            "min_images",
+        )
         settings = {k: config["search"][k] for k in keys}
     if work_sized():
         settings["images"] = config["search"]["images"]

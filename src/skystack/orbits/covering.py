@@ -824,8 +824,12 @@ class TilePlans:
     """The tiles' lattices, planned on demand (and kept): ``plans[t]`` for tile t (row-major
     over the counts per element), each with the metric at the tile's centre."""
 
-    def __init__(self, reference, hw, counts, metric, max_snr_loss, safety_factor, lattice):
+    def __init__(self, reference, hw, counts, metric, max_snr_loss, safety_factor, lattice, tiles=None, reach=None):
         self.x0, self.hw, self.counts = _elements_array(reference), hw, counts
+        # The tiles that hold trials (flat numbers; all of the grid unless pruned to the survey's
+        # fields), and for pruned ones their track samples (footprint.TileTracks rows by tile).
+        self.tiles = np.arange(int(counts.prod())) if tiles is None else np.asarray(tiles, np.int64)
+        self.reach = reach
         self.epoch = float(reference["epoch_jd_tdb"])
         self.tile_hw = hw / counts
         self.settings = (max_snr_loss, safety_factor, lattice)
@@ -838,7 +842,7 @@ class TilePlans:
         self._cache: dict[int, dict] = {}
 
     def __len__(self) -> int:
-        return int(self.counts.prod())
+        return len(self.tiles)
 
     def centre(self, t) -> np.ndarray:
         idx = np.array(np.unravel_index(np.asarray(t), tuple(self.counts))).T
@@ -862,17 +866,20 @@ class TilePlans:
 
     def __iter__(self):
         for s in range(0, len(self), 256):
-            yield from self.plan(range(s, min(s + 256, len(self))))
+            yield from self.plan(self.tiles[s:s + 256])
 
 
 def covering_plan(reference, half_width, metric: TrackMetric, max_snr_loss: float, *, tiles=None,
                   safety_factor: float = DEFAULT_SAFETY_FACTOR, lattice: str = "An*",
-                  max_tile_plans: int = 20_000, seed: int = 0) -> dict:
+                  max_tile_plans: int = 20_000, seed: int = 0, fields=None, min_exposures: int = 1) -> dict:
     """The covering without its points: per tile the thin/thick split, the lattice and its size.
 
     Parameters are those of ``covering_lattice`` (``tiles``: None = one tile, or counts per
     element, e.g. from ``choose_tiles``). With more than ``max_tile_plans`` tiles the sizes are
-    extrapolated from that many random tiles (``sizes_sampled``).
+    extrapolated from that many random tiles (``sizes_sampled``). With ``fields``
+    (``footprint.Fields`` of the metric's exposures) only the tiles that can reach at least
+    ``min_exposures`` of them are kept, the grid made finer for it (``footprint.prune_tiles``);
+    sizes are then those of the kept tiles (before their trials are pruned).
 
     Returns
     -------
@@ -891,7 +898,22 @@ def covering_plan(reference, half_width, metric: TrackMetric, max_snr_loss: floa
         raise ValueError(f"covering_lattice: unknown lattice {lattice!r} (one of {', '.join(LATTICES)})")
     hw = _half_widths(half_width)
     counts = _tile_counts(tiles, hw)
-    plans = TilePlans(reference, hw, counts, metric, max_snr_loss, safety_factor, lattice)
+    kept, reach, reach_rounds = None, None, None
+    if fields is not None:
+        if not isinstance(metric, TrackMetric):
+            raise ValueError("covering_lattice: pruning to the survey's fields needs a TrackMetric")
+        from .footprint import prune_tiles
+
+        counts, kept_idx, tracks, reach_rounds = prune_tiles(
+            _elements_array(reference), hw, counts, float(reference["epoch_jd_tdb"]), _device(metric.geometry),
+            fields, min_exposures,
+            lambda t_hw: _tile_plan(t_hw, metric.matrix, max_snr_loss, safety_factor, lattice)["split"].estimate)
+        if not len(kept_idx):
+            raise ValueError(f"covering_lattice: no orbit of the region falls on {min_exposures} or more of the "
+                             f"{len(fields.lo)} exposures it reaches (search.min_images)")
+        kept = np.ravel_multi_index(tuple(kept_idx.T), tuple(counts))
+        reach = ({int(t): k for k, t in enumerate(kept)}, tracks)
+    plans = TilePlans(reference, hw, counts, metric, max_snr_loss, safety_factor, lattice, tiles=kept, reach=reach)
     n_tiles = len(plans)
     sampled = n_tiles > max_tile_plans
     which = (np.sort(np.random.default_rng(seed).choice(n_tiles, max_tile_plans, replace=False)) if sampled
@@ -899,19 +921,24 @@ def covering_plan(reference, half_width, metric: TrackMetric, max_snr_loss: floa
     lower = estimate = 0.0
     curvatures = np.zeros(7)
     for s in range(0, len(which), 256):
-        for tp in plans.plan(which[s:s + 256]):
+        for tp in plans.plan(plans.tiles[which[s:s + 256]]):
             lower += tp["split"].lower_bound
             estimate += tp["split"].estimate
             lk = tile_lipschitz_killing(tp["a_mat"].T @ tp["a_mat"], counts[tp["varied"]])
             curvatures[:len(lk)] += lk
     scale = n_tiles / len(which)
     centre_tile = int(np.ravel_multi_index(tuple(counts // 2), tuple(counts)))
+    if kept is not None and centre_tile not in reach[0]:  # the kept tile nearest the grid's centre
+        centre_tile = int(kept[np.argmin(np.abs(kept_idx - counts // 2).sum(axis=1))])
     head = _tile_summary(plans[centre_tile], lattice)
     rho2 = plans[centre_tile]["rho2"]
     return {
         **head,
         "n_tiles": n_tiles,
+        "n_grid_tiles": int(counts.prod()),
         "tiles": {REGION_ELEMENTS[j]: int(counts[j]) for j in range(6)},
+        "min_exposures": int(min_exposures) if fields is not None else None,
+        "reach_rounds": reach_rounds,
         "lower_bound": float(lower * scale),
         "estimate": float(estimate * scale),
         "lipschitz_killing": (curvatures * scale).tolist(),
@@ -941,7 +968,7 @@ def _trial_table(x: np.ndarray, epoch: float, start_id: int, tile=None) -> pd.Da
 def covering_lattice(reference, half_width, metric: TrackMetric, max_snr_loss: float, max_trials: int = 1_000_000,
                      *, tiles="auto", safety_factor: float = DEFAULT_SAFETY_FACTOR, lattice: str = "An*",
                      throughput_orbits_per_s: float = DEFAULT_THROUGHPUT_ORBITS_PER_S, start_id: int = 0,
-                     check_samples: int = 200, seed: int = 0):
+                     check_samples: int = 200, seed: int = 0, fields=None, min_exposures: int = 1):
     """Trial orbits that cover a box of orbit space to within ``max_snr_loss`` of SNR.
 
     Parameters
@@ -971,6 +998,10 @@ def covering_lattice(reference, half_width, metric: TrackMetric, max_snr_loss: f
         ``orbit_id`` of the first trial.
     check_samples, seed
         For ``choose_tiles``.
+    fields, min_exposures
+        ``footprint.Fields`` of the metric's exposures: only the tiles and trials that may stand
+        for an orbit falling on at least ``min_exposures`` of them are kept (``footprint``); the
+        promise then holds for those orbits. None: every orbit of the box.
 
     Returns
     -------
@@ -998,7 +1029,7 @@ def covering_lattice(reference, half_width, metric: TrackMetric, max_snr_loss: f
         else:
             tiles = None
     summary = covering_plan(reference, half_width, metric, max_snr_loss, tiles=tiles, safety_factor=safety_factor,
-                            lattice=lattice)
+                            lattice=lattice, fields=fields, min_exposures=min_exposures)
     if tile_log is not None:
         summary["tile_log"] = tile_log
 
@@ -1009,14 +1040,23 @@ def covering_lattice(reference, half_width, metric: TrackMetric, max_snr_loss: f
                          f"(max_trials {max_trials:,}); at {throughput_orbits_per_s:,.0f} orbits/s the search would "
                          f"take about {_duration(secs)}")
 
-    if summary["lower_bound"] > max_trials or summary["estimate"] > 4 * max_trials:
+    # Pruned to the fields, the kept tiles' sizes are before their trials are pruned too.
+    if summary["lower_bound"] > (20 if fields is not None else 1) * max_trials or \
+            summary["estimate"] > (40 if fields is not None else 4) * max_trials:
         refuse(summary["estimate"], exact=False)
-    xs, tile_ids = [], []
-    for t, tp in enumerate(summary["tile_plans"]):
+    xs, tile_ids, n_lattice = [], [], 0
+    plans = summary["tile_plans"]
+    for t, tp in zip(plans.tiles, plans):
         try:
             u = _tile_points(tp, limit=max(20 * max_trials, 5_000_000))
         except _TooMany:
             refuse(summary["estimate"], exact=False)
+        n_lattice += len(u)
+        if plans.reach is not None:
+            from .footprint import trial_reach
+
+            k, tracks = plans.reach[0][int(t)], plans.reach[1]
+            u = u[trial_reach(u, tp, tracks.centre[k], tracks.diff[k], tracks.curvature[k], fields, min_exposures)]
         x = np.tile(tp["centre"], (len(u), 1))
         x[:, tp["varied"]] += u * tp["hw"][tp["varied"]]
         xs.append(x)
@@ -1026,6 +1066,7 @@ def covering_lattice(reference, half_width, metric: TrackMetric, max_snr_loss: f
         refuse(n_trials, exact=True)
     trials = _trial_table(np.concatenate(xs), float(reference["epoch_jd_tdb"]), start_id, np.concatenate(tile_ids))
     summary["n_trials"] = len(trials)
+    summary["n_lattice_points"] = int(n_lattice)
     return trials, summary
 
 

@@ -200,7 +200,7 @@ def _region_trials(orbit_cfg: dict, search_cfg: dict, images_path, known_path, s
                          max_snr_loss=float(search_cfg.get("max_snr_loss", 0.2)),
                          max_trials=int(search_cfg.get("max_trials", 1_000_000)),
                          smoothing_sigma_px=float(search_cfg.get("smoothing_sigma_px", 0.0)),
-                         start_id=start_id, seed=seed, log=log)
+                         min_exposures=int(search_cfg.get("min_images", 5)), start_id=start_id, seed=seed, log=log)
 
 
 def _first_random_id(plan: dict) -> int:

@@ -8,9 +8,12 @@ the trials no orbit of the ellipsoid needs are dropped). The covering
 region reach (found with the search's own intersection code on orbits sampled from the box),
 their times and sites, and the width of the matched filter on them (the indexed PSF, widened
 in quadrature by ``search.smoothing_sigma_px``: a coarse pass on smoothed images needs a
-correspondingly sparser lattice, at the width ``covering.smoothed_filter`` gives the loss). Every orbit of the box then has a trial orbit whose track
-costs at most ``search.max_snr_loss`` of the matched filter's SNR; a region needing more than
-``search.max_trials`` is refused with the number and the search time.
+correspondingly sparser lattice, at the width ``covering.smoothed_filter`` gives the loss). The
+covering is pruned to the survey's images (``orbits.footprint``): every orbit of the box whose
+track falls on at least ``search.min_images`` of those exposures then has a trial orbit whose
+track costs at most ``search.max_snr_loss`` of the matched filter's SNR (an orbit on fewer
+cannot be a detection, and most of a box wider than the survey's fields is such orbits); a
+region needing more than ``search.max_trials`` is refused with the number and the search time.
 """
 from __future__ import annotations
 
@@ -29,11 +32,13 @@ from .covering import (
     track_metric,
 )
 from .ellipsoid import ellipsoid_half_width, prune_to_ellipsoid, region_ellipsoid
+from .footprint import exposure_fields
 from .noise_peaks import scaled_to_filter
 from .table import ELEMENT_COLUMNS, load_known_objects
 
-#: Orbits sampled from a box (its 2^6 vertices are added) to find the exposures it reaches.
-REACH_SAMPLES = 512
+#: Orbits sampled from a box (its 2^6 vertices are added) to find the exposures it reaches
+#: (enough that a box mostly off the survey's fields still finds every exposure it reaches).
+REACH_SAMPLES = 4096
 
 
 def region_reference(spec: dict, known: pd.DataFrame, where: str) -> dict:
@@ -131,10 +136,15 @@ def _width_ratio(exp: pd.DataFrame) -> float:
 
 
 def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_loss: float, max_trials: int,
-                  smoothing_sigma_px: float = 0.0, start_id: int = 0, seed: int = 0,
+                  smoothing_sigma_px: float = 0.0, min_exposures: int | None = None, start_id: int = 0, seed: int = 0,
                   throughput_orbits_per_s: float = DEFAULT_THROUGHPUT_ORBITS_PER_S,
                   log: logging.Logger | None = None):
     """Trial orbits covering every region, in region order, ids from ``start_id``.
+
+    With ``min_exposures`` the covering is pruned to the survey's images
+    (``footprint``): it then covers the orbits of each region whose tracks fall on at least that
+    many of the region's exposures (the search's ``min_images``: an orbit on fewer cannot be a
+    detection); None covers the whole box.
 
     Returns ``(trials, summaries)``: an orbit table with ``name`` (the region's) and ``tile``,
     and one JSON-able summary per region (trials, tiles, safety factor, promised loss, the
@@ -160,13 +170,19 @@ def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_lo
         site = {"lat_deg": exp["site_lat_deg"].to_numpy(float), "lon_deg": exp["site_lon_deg"].to_numpy(float),
                 "height_m": exp["site_height_m"].to_numpy(float)}
         metric = track_metric(ref, exp["jd_tdb"].to_numpy(float), site, exp["loss_sigma_arcsec"].to_numpy(float))
+        # An object half a filter width off an image still lands part of its light on it.
+        margin = 2.0 * float(exp["psf_sigma_arcsec"].max())
+        fields = (None if min_exposures is None else
+                  exposure_fields(images, exp["exposure_id"].to_numpy(), metric.geometry, margin_arcsec=margin))
         try:
             trials, summary = covering_lattice(ref, hw, metric, max_snr_loss, max_trials=max(budget_left, 1),
                                                start_id=start_id, seed=seed + i,
-                                               throughput_orbits_per_s=throughput_orbits_per_s)
+                                               throughput_orbits_per_s=throughput_orbits_per_s, fields=fields,
+                                               min_exposures=int(min_exposures or 1))
         except ValueError as err:
-            raise ValueError(f"{where}: {err} (search.max_trials bounds all regions together; raise it, narrow "
-                             f"the region, raise search.max_snr_loss or smooth: search.smoothing_sigma_px)") from None
+            hint = (" (search.max_trials bounds all regions together; raise it, narrow the region, raise "
+                    "search.max_snr_loss or smooth: search.smoothing_sigma_px)" if "trial orbits" in str(err) else "")
+            raise ValueError(f"{where}: {err}{hint}") from None
         n_box = len(trials)
         if ellipsoid:
             trials = prune_to_ellipsoid(trials, ref, *ellipsoid, metric.matrix, summary["rho"] ** 2, start_id)
@@ -177,7 +193,10 @@ def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_lo
             "name": name, "reference": ref, "half_width": hw, "n_trials": len(trials),
             "n_exposures": len(exp), "n_images": int(exp["n_images"].sum()),
             "filter_sigma_arcsec_median": float(np.median(exp["psf_sigma_arcsec"])),
-            "tiles": summary["tiles"], "safety_factor": float(summary["safety_factor"]),
+            "tiles": summary["tiles"], "n_tiles": int(summary["n_tiles"]),
+            "n_grid_tiles": int(summary["n_grid_tiles"]), "min_exposures": summary["min_exposures"],
+            "n_lattice_points": int(summary["n_lattice_points"]),
+            "safety_factor": float(summary["safety_factor"]),
             "max_snr_loss": float(max_snr_loss), "linear_loss_bound": float(summary["linear_loss_bound"]),
             "dimension": int(summary.get("dimension", 0)),
             "varied_elements": list(summary["varied_elements"]),
@@ -187,10 +206,13 @@ def region_trials(regions: list, images: pd.DataFrame, known_path, *, max_snr_lo
             # (for an ellipsoid, those of the box that holds it: an upper bound).
             "lipschitz_killing": scaled_to_filter(summary["lipschitz_killing"], _width_ratio(exp)).tolist(),
         })
-        log.info("region %s: %d trial orbits cover the box for max SNR loss %.3g (%d tiles, safety factor %.3g, "
+        scope = ("the box" if min_exposures is None else
+                 f"the orbits of the box on >= {int(min_exposures)} exposures ({summary['n_lattice_points']:,} "
+                 f"lattice points in {summary['n_tiles']} of {summary['n_grid_tiles']} tiles)")
+        log.info("region %s: %d trial orbits cover %s for max SNR loss %.3g (safety factor %.3g, "
                  "%d thick directions) on %d exposures (%d images, matched filter sigma %.2f arcsec median); "
-                 "search about %.0f s at %.0f orbits/s", name, len(trials), max_snr_loss,
-                 int(np.prod(list(summary["tiles"].values()))), summary["safety_factor"], summaries[-1]["dimension"],
+                 "search about %.0f s at %.0f orbits/s", name, len(trials), scope, max_snr_loss,
+                 summary["safety_factor"], summaries[-1]["dimension"],
                  len(exp), summaries[-1]["n_images"], summaries[-1]["filter_sigma_arcsec_median"],
                  len(trials) / throughput_orbits_per_s, throughput_orbits_per_s)
     return pd.concat(parts, ignore_index=True), summaries
