@@ -277,6 +277,41 @@ def same_object(a: pd.DataFrame, b: pd.DataFrame, match_px: float) -> bool:
     return bool((d <= match_px).mean() >= 0.5)
 
 
+def _drop_ghosts(out: list, tracks: list, match_px: float, snr_threshold: float, log: logging.Logger):
+    """Drop refined objects that are only a brighter one's light: an orbit whose track crosses a
+    bright object's on a part of the survey (a third of the images, say) collects its flux
+    there. Brightest first, each object's SNR is recomputed without the images on which a
+    brighter kept object's track is within ``match_px``; below ``snr_threshold`` it is merged
+    into that object (objects below ``snr_threshold`` are dropped later anyway). An independent
+    object crossing another's track loses only those images."""
+    order = np.argsort([-r["snr"] for r in out], kind="stable")
+    kept_out, kept_tracks = [], []
+    for i in order:
+        t = tracks[i]
+        near = np.zeros(len(t), bool)
+        owner = None
+        for j, b in enumerate(kept_tracks):
+            m = t[["image_id", "x", "y"]].merge(b[["image_id", "x", "y"]], on="image_id", how="left",
+                                                suffixes=("", "_b"))
+            close = (np.hypot(m["x"] - m["x_b"], m["y"] - m["y_b"]) <= match_px).to_numpy()
+            if close[t["kept"].to_numpy()].any() and owner is None:
+                owner = j
+            near |= close
+        use = t["kept"].to_numpy() & ~near
+        psi, phi = t["psi"].to_numpy()[use], t["phi"].to_numpy()[use]
+        alone = float(psi.sum() / np.sqrt(phi.sum())) if use.any() else 0.0
+        if owner is not None and alone < snr_threshold <= out[i]["snr"]:
+            shared = int((t["kept"].to_numpy() & near).sum())
+            log.info("refined orbit %d: SNR %.2f, of which %.2f without the %d images it shares with orbit %d's "
+                     "track: that object's light, merged", out[i]["orbit_id"], out[i]["snr"], alone, shared,
+                     kept_out[owner]["orbit_id"])
+            kept_out[owner]["n_merged_refined"] += 1
+            continue
+        kept_out.append(out[i])
+        kept_tracks.append(t)
+    return kept_out, kept_tracks
+
+
 def refine_detections(det: pd.DataFrame, candidates: pd.DataFrame, images: pd.DataFrame, caches: dict, *,
                       masked: np.ndarray, n_sigma_g: float, smoothing_px: float, match_px: float,
                       refined_snr_threshold: float, min_images: int = 3, log: logging.Logger = log):
@@ -328,6 +363,8 @@ def refine_detections(det: pd.DataFrame, candidates: pd.DataFrame, images: pd.Da
         out.append(row)
         tracks.append(r.positions)
         slices[int(d["orbit_id"])] = r.slices
+    out, tracks = _drop_ghosts(out, tracks, match_px, refined_snr_threshold, log)
+    slices = {int(o["orbit_id"]): slices[int(o["orbit_id"])] for o in out}
     table = pd.DataFrame(out)
     track = (pd.concat([t.assign(orbit_id=int(o["orbit_id"])) for t, o in zip(tracks, out)], ignore_index=True)
              if tracks else pd.DataFrame(columns=["image_id", "x", "y", "psi", "phi", "kept", "orbit_id"]))
