@@ -92,16 +92,22 @@ def run_summary_html(experiment: str, *, images_path, rejected_path, detections_
     plan = json.loads(Path(plan_path).read_text())
     if plan.get("regions"):
         parts.append(_html_table(
-            ["region", "trial orbits", "max SNR loss guaranteed", "exposures", "images", "filter sigma (arcsec)"],
-            [(r["name"], f"{r['n_trials']:,}", r["max_snr_loss"], r["n_exposures"], r["n_images"],
-              f"{r['filter_sigma_arcsec_median']:.2f}") for r in plan["regions"]]))
+            ["region", "trial orbits", "max SNR loss guaranteed", "for orbits on", "exposures", "images",
+             "filter sigma (arcsec)"],
+            [(r["name"], f"{r['n_trials']:,}", r["max_snr_loss"],
+              f">= {r['min_exposures']} exposures" if r.get("min_exposures") else "the whole box",
+              r["n_exposures"], r["n_images"], f"{r['filter_sigma_arcsec_median']:.2f}") for r in plan["regions"]]))
     else:
         parts.append(f"<p>Orbits searched: {plan['n_total']:,} ({plan['n_listed']:,} listed, "
                      f"{plan['n_random']:,} random).</p>")
     det = pd.read_parquet(detections_path)
     cols = [c for c in ("orbit_id", "name", "snr", "snr_trial", "n_images", "a_au", "e", "inc_deg", "flux_nmgy")
             if c in det]
-    parts.append(f"<p>{len(det)} detections at SNR &ge; {snr_threshold:g}:</p>")
+    if plan.get("regions"):
+        parts.append(f"<p>{len(det)} detections (candidates at search SNR &ge; {snr_threshold:g}, refined on the "
+                     f"full-resolution images; snr is the refined SNR, snr_trial the trial's):</p>")
+    else:
+        parts.append(f"<p>{len(det)} detections at SNR &ge; {snr_threshold:g}:</p>")
     parts.append(_html_table(cols, [[f"{v:.7g}" if isinstance(v, float) else v for v in r]
                                     for r in det[cols].itertuples(index=False)]))
     rec = pd.read_parquet(recovered_path) if Path(recovered_path).exists() else pd.DataFrame()
