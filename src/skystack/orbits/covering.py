@@ -1036,6 +1036,8 @@ def covering_lattice(reference, half_width, metric: TrackMetric, max_snr_loss: f
     def refuse(count: float, exact: bool):
         secs = count / throughput_orbits_per_s
         what = f"{int(count):,}" if exact else f"about {count:,.3g}"
+        if fields is not None and not exact:  # the kept tiles' lattices, before their trials are pruned
+            what = f"at most about {count:,.3g}"
         raise ValueError(f"covering_lattice: the region needs {what} trial orbits for max_snr_loss {max_snr_loss} "
                          f"(max_trials {max_trials:,}); at {throughput_orbits_per_s:,.0f} orbits/s the search would "
                          f"take about {_duration(secs)}")
