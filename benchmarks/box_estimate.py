@@ -30,16 +30,13 @@ from skystack.core.runtime import configure
 WIDENED = ("a_au", "inc_deg", "node_deg", "mean_anomaly_deg")
 
 
-def _pointing_fields(cv, fp, exposures, geometry):
+def _pointing_fields(fp, exposures, geometry):
     from skystack.sim import survey as sim
 
     s = sim.settings({"preset": "demo"})
     half = float(np.min(np.array(s["mosaic"]) * np.array(s["quadrant_px"]))) * s["pixel_scale_arcsec"] / 2.0
-    ra, dec = np.radians(exposures["ra_deg"].to_numpy()), np.radians(exposures["dec_deg"].to_numpy())
-    p = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], -1)
-    along = np.sum(p * geometry.center, axis=-1)
-    c = np.stack([np.sum(p * geometry.east, -1), np.sum(p * geometry.north, -1)], -1) / along[:, None]
-    c *= cv.ARCSEC_PER_RAD
+    c = np.concatenate([fp.tangent_arcsec(ra, dec, geometry, i) for i, (ra, dec) in
+                        enumerate(zip(exposures["ra_deg"], exposures["dec_deg"]))])
     return fp.Fields(c - half, c + half)
 
 
@@ -100,7 +97,7 @@ def main(argv=None) -> None:
     jd, site = ex["jd_tdb"].to_numpy(), cv.exposure_site(ex)
     loss_sigma, _ = cv.smoothed_filter(ex["psf_sigma_arcsec"].to_numpy(), args.smoothing_arcsec)
     metric = cv.track_metric(ref, jd, site, loss_sigma)
-    fields = _pointing_fields(cv, fp, ex, metric.geometry)
+    fields = _pointing_fields(fp, ex, metric.geometry)
     for label, factor in (("demo box (30x)", 1.0), (f"box x {args.factor:g} ({30 * args.factor:.0f}x)", args.factor)):
         box = {k: v * (factor if k in WIDENED else 1.0) for k, v in spec["half_width"].items()}
         plan = cv.covering_plan(ref, box, metric, args.max_snr_loss)

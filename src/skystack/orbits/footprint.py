@@ -35,12 +35,13 @@ for can reach more.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+
+from .table import ELEMENT_COLUMNS
 
 #: Widening of the summed second differences (cross terms of the track's curvature).
 CURVATURE_MARGIN = 1.5
@@ -48,7 +49,8 @@ CURVATURE_MARGIN = 1.5
 SLACK_ARCSEC = 1.0
 #: Most tiles ``prune_tiles`` keeps before it stops halving.
 MAX_KEPT_TILES = 30_000
-ELEMENTS = ("a_au", "e", "inc_deg", "node_deg", "argperi_deg", "mean_anomaly_deg")
+ELEMENTS = ELEMENT_COLUMNS[:6]
+ARCSEC_PER_RAD = 180.0 * 3600.0 / np.pi
 
 
 class Fields(NamedTuple):
@@ -64,6 +66,15 @@ class TileTracks(NamedTuple):
     centre: np.ndarray  # (T, N, 2) arcsec
     diff: np.ndarray  # (T, N, 2, n): central differences, the linear model in box coordinates
     curvature: np.ndarray  # (T, N, 2): bound on what the linear model leaves out
+
+
+def tangent_arcsec(ra_deg, dec_deg, geometry, exposure) -> np.ndarray:
+    """Gnomonic (east, north) arcsec (n, 2) of sky positions on one exposure's tangent plane of
+    a ``covering.TrackGeometry`` (the reference track's direction at that exposure)."""
+    ra, dec = np.radians(np.asarray(ra_deg, float)), np.radians(np.asarray(dec_deg, float))
+    d = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], -1).reshape(-1, 3)
+    along = d @ geometry.center[exposure]
+    return np.stack([d @ geometry.east[exposure], d @ geometry.north[exposure]], -1) / along[:, None] * ARCSEC_PER_RAD
 
 
 def exposure_fields(images: pd.DataFrame, exposure_ids, geometry, margin_arcsec: float = 0.0) -> Fields:
@@ -83,10 +94,7 @@ def exposure_fields(images: pd.DataFrame, exposure_ids, geometry, margin_arcsec:
         w = wcs_from_header_text(im["wcs_header"])
         x = np.array([0.5, nx + 0.5, nx + 0.5, 0.5, (nx + 1) / 2, nx + 0.5, (nx + 1) / 2, 0.5]) - 1.0
         y = np.array([0.5, 0.5, ny + 0.5, ny + 0.5, 0.5, (ny + 1) / 2, ny + 0.5, (ny + 1) / 2]) - 1.0
-        ra, dec = (np.radians(v) for v in w.all_pix2world(x, y, 0))
-        d = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], -1)
-        along = d @ geometry.center[i]
-        xy = np.stack([d @ geometry.east[i], d @ geometry.north[i]], -1) / along[:, None] * (180 * 3600 / math.pi)
+        xy = tangent_arcsec(*w.all_pix2world(x, y, 0), geometry, i)
         lo[i] = np.minimum(lo[i], xy.min(axis=0))
         hi[i] = np.maximum(hi[i], xy.max(axis=0))
     if not np.isfinite(lo).all():
