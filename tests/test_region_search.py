@@ -2,6 +2,7 @@
 promise on the survey's own exposures, and a region that needs too much is refused up front.
 (That the search then finds the injected objects, and that refinement brings each trial onto
 its object's track, is in tests/test_workflow.py::test_injected_objects_recovered.)"""
+import itertools
 import json
 
 import numpy as np
@@ -133,3 +134,28 @@ def test_a_region_the_survey_never_sees_is_refused(tiny_search):
     far = {"name": "elsewhere", "reference": "486958 Arrokoth", "half_width": {"a_au": 0.01}}
     with pytest.raises(ValueError, match=r"elsewhere.*fall on 0 of the survey's exposures"):
         region_trials([far], images, KNOWN, max_snr_loss=0.2, max_trials=10)
+
+
+def test_grouped_trial_pruning_is_the_per_trial_test(monkeypatch):
+    """``footprint.trial_reach`` decides groups of trials at once from their bounding boxes; it
+    must keep exactly the trials that the per-trial rectangle test (``reach_counts``) keeps, on
+    fields that a lattice only partly reaches (a track sweeping across 40 small rectangles)."""
+    from skystack.orbits import footprint as fp
+
+    rng = np.random.default_rng(5)
+    n_exp, n = 40, 4
+    centre = np.cumsum(rng.normal(0.0, 30.0, (n_exp, 2)), axis=0)
+    diff = rng.normal(0.0, 300.0, (n_exp, 2, n))
+    fields = fp.Fields(centre - rng.uniform(40, 120, (n_exp, 2)), centre + rng.uniform(40, 120, (n_exp, 2)))
+    tp = {"split": type("S", (), {"thick": np.arange(n), "thin": np.zeros(0, int), "rho_thick": 0.05})(),
+          "a_mat": np.eye(n)}
+    curvature = rng.uniform(0.5, 2.0, (n_exp, 2))
+    u = rng.uniform(-1.0, 1.0, (30_000, n))
+    half = fp.trial_margins(tp, diff) + 2.0 * curvature
+    pos = centre[None] + (u @ diff.reshape(-1, n).T).reshape(len(u), n_exp, 2)
+    for min_exposures, leaf in itertools.product((2, 4, 6), (8, fp.REACH_LEAF_TRIALS)):
+        expected = fp.reach_counts(pos, half[None], fields) >= min_exposures
+        monkeypatch.setattr(fp, "REACH_LEAF_TRIALS", leaf)  # small groups: most decided as groups
+        got = fp.trial_reach(u, tp, centre, diff, curvature, fields, min_exposures)
+        assert 0.02 < expected.mean() < 0.9, expected.mean()
+        assert np.array_equal(got, expected), (min_exposures, leaf, got.sum(), expected.sum())

@@ -200,15 +200,57 @@ def trial_margins(tp: dict, tracks_diff: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Trials per group below which ``trial_reach`` tests each trial rather than splitting the group.
+REACH_LEAF_TRIALS = 2048
+#: Margin (arcsec) by which a group's bounds must clear a field's edge to decide it for all its
+#: trials at once: far above rounding, so the grouped decision is the per-trial one.
+REACH_DECIDE_ARCSEC = 1e-6
+
+
 def trial_reach(u: np.ndarray, tp: dict, centre_track: np.ndarray, tracks_diff: np.ndarray,
-                curvature: np.ndarray, fields: Fields, min_exposures: int, chunk: int = 4096) -> np.ndarray:
+                curvature: np.ndarray, fields: Fields, min_exposures: int) -> np.ndarray:
     """Which of a tile's trials (box coordinates u (P, n)) may stand for an orbit that reaches
-    at least ``min_exposures`` exposures."""
-    half = trial_margins(tp, tracks_diff) + 2.0 * curvature
-    keep = np.empty(len(u), bool)
-    for s in range(0, len(u), chunk):
-        pos = centre_track[None] + np.einsum("nak,pk->pna", tracks_diff, u[s:s + chunk])
-        keep[s:s + chunk] = reach_counts(pos, half[None], fields) >= min_exposures
+    at least ``min_exposures`` exposures.
+
+    Branch and bound over groups of trials (a tile's lattice has tens of millions of points, most
+    of them far from the fields): positions are linear in u, so over a group's bounding box in u
+    they lie within ``c + D u_mid +- |D| u_half`` of its centre's, exactly. A group is dropped when
+    fewer than ``min_exposures`` exposures can be met, kept when that many are met by every trial,
+    and otherwise split at the middle of its widest undecided direction; small groups are tested
+    trial by trial on their undecided exposures only (``reach_counts``, the same test)."""
+    half = trial_margins(tp, tracks_diff) + 2.0 * curvature  # (N, 2)
+    keep = np.zeros(len(u), bool)
+    if not len(u):
+        return keep
+    lo, hi, eps = fields.lo - half, fields.hi + half, REACH_DECIDE_ARCSEC
+    d_abs = np.abs(tracks_diff)  # (N, 2, n)
+    stack = [np.arange(len(u))]
+    while stack:
+        idx = stack.pop()
+        g = u[idx]
+        g_lo, g_hi = g.min(axis=0), g.max(axis=0)
+        mid, rad = (g_lo + g_hi) / 2.0, (g_hi - g_lo) / 2.0
+        p_mid = centre_track + tracks_diff @ mid  # (N, 2)
+        spread = d_abs @ rad  # (N, 2)
+        possible = np.all((p_mid + spread >= lo - eps) & (p_mid - spread <= hi + eps), axis=-1)
+        certain = np.all((p_mid - spread >= lo + eps) & (p_mid + spread <= hi - eps), axis=-1)
+        n_certain = int(certain.sum())
+        if possible.sum() < min_exposures:
+            continue
+        if n_certain >= min_exposures:
+            keep[idx] = True
+            continue
+        open_ = possible & ~certain
+        width = (d_abs[open_] * rad).sum(axis=(0, 1))  # (n,) how far each direction moves the open tracks
+        if len(idx) <= REACH_LEAF_TRIALS or not width.max() > 0:
+            d_open = tracks_diff[open_]
+            pos = centre_track[open_][None] + (g @ d_open.reshape(-1, d_open.shape[-1]).T).reshape(len(g), -1, 2)
+            sub = Fields(fields.lo[open_], fields.hi[open_])
+            keep[idx] = n_certain + reach_counts(pos, half[open_][None], sub) >= min_exposures
+            continue
+        j = int(np.argmax(width))
+        left = g[:, j] <= mid[j]
+        stack += [idx[left], idx[~left]]
     return keep
 
 
