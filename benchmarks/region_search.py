@@ -5,9 +5,8 @@ least 10x fewer trial orbits than random sampling (the published method). The fa
 is reported whether or not it reaches 10.
 
 Survey and region. The demo survey's exposures (``sim.survey`` demo preset: 120 exposures over
-3 years from Palomar, each with its mean PSF sigma) and a box 3 times the spread of the simulator's
-default family (7.5 times the demo family's; ``config/experiments/demo.yaml`` searches one 100
-times the demo family's): around 2060
+3 years from Palomar, each with its mean PSF sigma) and a box 3 times the spread of the demo's
+simulated family (``config/experiments/demo.yaml`` searches one 10 times it): around 2060
 Chiron (``resources/known_objects.csv``), half-widths a 0.004 AU,
 e 1e-5, i 0.012, node 0.012, argument of perihelion 0.004 and mean anomaly 0.03 deg. With
 ``--region kbo``, the KBO box of ``benchmarks/covering.py`` instead (a = 39.5 AU; a 0.05 AU,
@@ -74,7 +73,7 @@ from scipy.stats import norm
 from skystack.core.runtime import configure, device_summary
 
 CHIRON = "2060 Chiron"
-#: A box 3 times the simulator's default family spread (7.5 times the demo family's, whose box is 100 times it).
+#: A box 3 times the demo family's spread (config/experiments/demo.yaml searches 10 times it).
 CHIRON_BOX = {"a_au": 0.004, "e": 0.00001, "inc_deg": 0.012, "node_deg": 0.012, "argperi_deg": 0.004,
               "mean_anomaly_deg": 0.03}
 SNR_THRESHOLD = 7.0
@@ -214,7 +213,7 @@ def _region(cv, name: str):
 
     known = load_known_objects(cv.REPO / "resources" / "known_objects.csv")
     row = known[known["name"] == CHIRON].iloc[0]
-    return f"the box 3x the default family's spread around {CHIRON}", {k: float(row[k]) for k in cv.ELEMENT_COLUMNS}, dict(CHIRON_BOX)
+    return f"the box 3x the demo family's spread around {CHIRON}", {k: float(row[k]) for k in cv.ELEMENT_COLUMNS}, dict(CHIRON_BOX)
 
 
 def _survey(cv, region: str) -> dict:
@@ -501,7 +500,7 @@ def _fmt(v, spec=".3g") -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--region", choices=("chiron", "kbo"), default="chiron",
-                    help="a box 3x the default family's spread around 2060 Chiron, or benchmarks/covering.py's KBO box")
+                    help="a box 3x the demo family's spread around 2060 Chiron, or benchmarks/covering.py's KBO box")
     ap.add_argument("--objects", type=int, default=200, help="objects drawn uniformly from the box")
     ap.add_argument("--snr-min", type=float, default=10.0, help="true-orbit SNR drawn uniformly from here ...")
     ap.add_argument("--snr-max", type=float, default=20.0, help="... to here")

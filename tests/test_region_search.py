@@ -159,21 +159,3 @@ def test_grouped_trial_pruning_is_the_per_trial_test(monkeypatch):
         got = fp.trial_reach(u, tp, centre, diff, curvature, fields, min_exposures)
         assert 0.02 < expected.mean() < 0.9, expected.mean()
         assert np.array_equal(got, expected), (min_exposures, leaf, got.sum(), expected.sum())
-
-
-def test_the_demo_box_is_100_times_the_injected_familys_spread():
-    """``make run`` searches a region, not the injected orbits: its box around the family's
-    reference is at least 100 times the simulated family's spread in every element it spreads."""
-    from skystack.orbits.table import load_known_objects
-    from skystack.sim.survey import settings
-
-    cfg = load_config(REPO / "config" / "experiments" / "demo.yaml")
-    (region,) = cfg["orbits"]["regions"]
-    sigma = settings(cfg["survey"]["simulate"])["family_sigma"]
-    known = load_known_objects(KNOWN).set_index("name")
-    assert region["reference"] == settings(cfg["survey"]["simulate"])["track"]
-    a_au = float(known.loc[region["reference"], "a_au"])
-    hw = region["half_width"]
-    assert hw["a_au"] >= 100 * sigma["a_frac"] * a_au
-    for element in ("inc_deg", "node_deg", "mean_anomaly_deg"):
-        assert hw[element] >= 100 * sigma[element], element

@@ -39,11 +39,8 @@ PRESETS = {
     # Few images, so brighter movers: the combined SNR still clears the detection threshold.
     "tiny": dict(n_nights=5, visits_per_night=2, mosaic=[2, 2], quadrant_px=[96, 96], n_family=2,
                  source_density_per_deg2=12000.0, per_image_snr=[3.0, 4.5]),
-    # The demo's family is tighter than the default (2.5x): its search box, 100 times this spread
-    # in a, i, node and mean anomaly (config/experiments/demo.yaml), stays a laptop's search.
     "demo": dict(n_nights=60, visits_per_night=2, mosaic=[2, 2], quadrant_px=[128, 128], n_family=6,
-                 source_density_per_deg2=12000.0,
-                 family_sigma={"a_frac": 4e-5, "mean_anomaly_deg": 0.004, "node_deg": 0.0016, "inc_deg": 0.0016}),
+                 source_density_per_deg2=12000.0),
 }
 DEFAULTS = dict(
     preset="tiny",
